@@ -1,0 +1,344 @@
+"""Typed run configuration, loaded from YAML and validated before any process group starts.
+
+One `RunConfig` flows through every stage. Each section is a dataclass; `from_dict` rejects
+unknown keys and wrong types with a message naming the key, and `RunConfig.validate()` checks
+the cross-field rules (divisibility by parallel sizes, pattern vs pipeline layout, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hybrid_megatron.errors import ConfigError
+
+AttentionBackend = Literal["auto", "sdpa", "flex", "flash_attn", "te"]
+MambaBackend = Literal["auto", "torch", "mamba_ssm"]
+
+
+@dataclass
+class AttentionTypeConfig:
+    """Options of one attention type (full or sliding-window)."""
+
+    rope: bool = True
+    """Apply rotary position embeddings; false means NoPE for every layer of this type."""
+    rope_theta: float = 10000.0
+    window: int | None = None
+    """Sliding-window size W: a token sees itself and the W-1 tokens before it (SWA only)."""
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 mixer options (same meaning as Megatron-Core's mamba_* settings)."""
+
+    state_dim: int = 64
+    head_dim: int = 64
+    num_groups: int = 1
+    expand: int = 2
+    conv_kernel: int = 4
+    chunk_size: int = 128
+    num_heads: int | None = None
+    """Defaults to expand * hidden_size / head_dim."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a hybrid model. See `hybrid_megatron.pattern` for the pattern language."""
+
+    pattern: str = "M-S-*-"
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """GQA key/value head groups; None means multi-head attention (one group per head)."""
+    kv_channels: int | None = None
+    """Attention head dim; defaults to hidden_size / num_attention_heads."""
+    ffn_hidden_size: int | None = None
+    """MLP inner size; defaults to 4 * hidden (gelu) or 8/3 * hidden rounded to 64 (swiglu)."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    num_layers: int | None = None
+    """Optional; when given it must equal the number of layer symbols in `pattern`."""
+    vocab_size: int = 512
+    seq_length: int = 256
+    full_attention: AttentionTypeConfig = field(default_factory=AttentionTypeConfig)
+    swa: AttentionTypeConfig = field(default_factory=lambda: AttentionTypeConfig(window=128))
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    norm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    attention_backend: AttentionBackend = "auto"
+    mamba_backend: MambaBackend = "auto"
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return 64 * -(-int(8 * self.hidden_size / 3) // 64)
+        return 4 * self.hidden_size
+
+    @property
+    def mamba_num_heads(self) -> int:
+        return self.mamba.num_heads or self.mamba.expand * self.hidden_size // self.mamba.head_dim
+
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        """Vocab padded so every tensor-parallel rank holds an equal, aligned slice."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return multiple * -(-self.vocab_size // multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; data parallel size is what remains of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. Later stages add their own sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ConfigError for the first invalid setting (before any process group starts)."""
+        from hybrid_megatron.pattern import compile_pattern
+
+        validate_model(self.model)
+        validate_parallel(self.model, self.parallel, world_size)
+        compile_pattern(self.model, self.parallel)
+
+
+def _positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Check the model section on its own (no parallel sizes involved)."""
+    for name in ("hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+        _positive(f"model.{name}", getattr(m, name))
+    _positive("model.num_query_groups", m.num_query_groups, allow_none=True)
+    _positive("model.kv_channels", m.kv_channels, allow_none=True)
+    _positive("model.ffn_hidden_size", m.ffn_hidden_size, allow_none=True)
+    _positive("model.full_attention.rope_theta", m.full_attention.rope_theta)
+    _positive("model.swa.rope_theta", m.swa.rope_theta)
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}; change one or set kv_channels."
+        )
+    if m.num_attention_heads % m.query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.query_groups} (each GQA group must hold whole heads)."
+        )
+    if m.swa.window is not None and (not isinstance(m.swa.window, int) or m.swa.window <= 0):
+        raise ConfigError(
+            f"model.swa.window must be a positive integer (tokens seen, current one included), "
+            f"got {m.swa.window!r}."
+        )
+    if m.full_attention.window is not None:
+        raise ConfigError(
+            "model.full_attention.window is set; full attention has no window. Use the 'S' "
+            "symbol and model.swa.window for sliding-window layers."
+        )
+    mb = m.mamba
+    for name in ("state_dim", "head_dim", "num_groups", "expand", "conv_kernel", "chunk_size"):
+        _positive(f"model.mamba.{name}", getattr(mb, name))
+    if mb.num_heads is None and (mb.expand * m.hidden_size) % mb.head_dim:
+        raise ConfigError(
+            f"Mamba inner size expand*hidden_size={mb.expand * m.hidden_size} is not divisible by "
+            f"model.mamba.head_dim={mb.head_dim}; change head_dim or set model.mamba.num_heads."
+        )
+    if m.mamba_num_heads % mb.num_groups:
+        raise ConfigError(
+            f"Mamba heads ({m.mamba_num_heads}) are not divisible by "
+            f"model.mamba.num_groups={mb.num_groups}."
+        )
+    if m.num_moe_experts is not None and m.moe_router_topk > m.num_moe_experts:
+        raise ConfigError(
+            f"model.moe_router_topk={m.moe_router_topk} exceeds "
+            f"model.num_moe_experts={m.num_moe_experts}."
+        )
+
+
+def validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: int | None) -> None:
+    """Check the parallel layout against the model (and the world size when known)."""
+    for name in ("tensor", "pipeline", "context"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    _positive("parallel.virtual_pipeline", p.virtual_pipeline, allow_none=True)
+    tp, cp = p.tensor, p.context
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={tp}; each tensor-parallel rank needs whole heads."
+        )
+    if m.query_groups % tp:
+        raise ConfigError(
+            f"model.num_query_groups={m.query_groups} is not divisible by parallel.tensor={tp}; "
+            "use more KV groups or less tensor parallelism."
+        )
+    if "M" in m.pattern:
+        if m.mamba_num_heads % (tp * cp):
+            raise ConfigError(
+                f"Mamba heads ({m.mamba_num_heads}) are not divisible by parallel.tensor * "
+                f"parallel.context = {tp * cp}; Mamba tensor/context parallelism splits heads."
+            )
+        if m.mamba.num_groups % tp:
+            raise ConfigError(
+                f"model.mamba.num_groups={m.mamba.num_groups} is not divisible by "
+                f"parallel.tensor={tp}."
+            )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
+    if cp > 1 and m.seq_length % (2 * cp):
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} must be divisible by 2 * parallel.context = {2 * cp} "
+            "(context parallelism splits each sequence into 2*cp load-balanced chunks)."
+        )
+    if p.sequence_parallel and m.seq_length % (tp * cp):
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} must be divisible by tensor*context={tp * cp} "
+            "with sequence parallelism."
+        )
+    if world_size is not None:
+        model_parallel = tp * p.pipeline * cp
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor*pipeline*context = "
+                f"{model_parallel}; launch a multiple of {model_parallel} processes."
+            )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of options, got {value!r}.")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return origin(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-5" as a string
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where} must be of type {_type_name(tp)}, got {value!r}.")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{path}'.{hint} Valid keys here: {sorted(names)}."
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict form of a config (for saving next to checkpoints and results)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML run config; `overrides` are `a.b.c=value` strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Pass a YAML file such as configs/tiny.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping at top level.")
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = from_dict(RunConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw config dict."""
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like section.key=value.")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{item}': '{part}' is not a section.")
+    node[parts[-1]] = yaml.safe_load(raw)

@@ -1,0 +1,5 @@
+"""Exception types raised for user mistakes (bad config, bad inputs)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the fix."""

@@ -1,0 +1,1 @@
+"""The hybrid model on Megatron-Core: typed TransformerConfig, ModuleSpecs, stack and builder."""

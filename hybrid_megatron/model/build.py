@@ -1,0 +1,54 @@
+"""Build the hybrid model (one pipeline model chunk) on Megatron-Core's MambaModel."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.mamba.mamba_model import MambaModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from hybrid_megatron.config import RunConfig
+from hybrid_megatron.model.specs import hybrid_stack_spec, select_linear_backend
+from hybrid_megatron.model.transformer_config import HybridTransformerConfig, build_transformer_config
+from hybrid_megatron.pattern import CompiledPattern, compile_pattern
+
+
+def build_model(
+    cfg: RunConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    compiled: CompiledPattern | None = None,
+    tconfig: HybridTransformerConfig | None = None,
+) -> MambaModel:
+    """One model chunk for this rank. Model-parallel state must be initialised first
+    (`hybrid_megatron.distributed.initialize`)."""
+    compiled = compiled or compile_pattern(cfg.model, cfg.parallel)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tconfig = tconfig or build_transformer_config(
+        cfg, compiled, params_dtype=params_dtype, use_cpu_initialization=device.type == "cpu"
+    )
+    linear_backend = select_linear_backend(cfg.model.attention_backend, device.type == "cuda")
+    spec = hybrid_stack_spec(linear_backend, cfg.model.num_moe_experts)
+    spec = ModuleSpec(
+        module=spec.module,
+        submodules=spec.submodules,
+        params={"compiled": compiled, "vp_stage": vp_stage},
+    )
+    uses_rope = any(p.rope for p in compiled.layers if p.kind.is_attention)
+    model = MambaModel(
+        config=tconfig,
+        mamba_stack_spec=spec,
+        vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor),
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope" if uses_rope else "none",
+        rotary_base=tconfig.rotary_base,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    return model.to(device)
