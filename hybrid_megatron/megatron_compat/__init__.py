@@ -1,0 +1,1 @@
+"""Adapters for Megatron-Core internals (kept in one place)."""
