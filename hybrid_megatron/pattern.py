@@ -97,7 +97,11 @@ def parse_pattern(pattern: str) -> list[list[LayerKind]]:
     text = "".join(pattern.split())
     if not text.replace(STAGE_BOUNDARY, ""):
         raise ConfigError("model.pattern is empty; give one symbol per layer, e.g. 'M-S-*-'.")
-    for pos, ch in enumerate(text):
+    # Positions index the pattern as the user wrote it (spaces included), so they match
+    # the pattern quoted in the message.
+    for pos, ch in enumerate(pattern):
+        if ch.isspace():
+            continue
         if ch in _NOT_IN_THIS_MEGATRON:
             raise ConfigError(
                 f"model.pattern symbol '{ch}' ({_NOT_IN_THIS_MEGATRON[ch]}) is not supported by "

@@ -7,7 +7,12 @@ Megatron-Core assumes CUDA in a few places. This module is the one place that ha
    allocates parameters, rotary tables and `GlobalMemoryBuffer` scratch tensors).
 2. The model-parallel RNG tracker (`tensor_parallel.random`) forks the CPU generator instead
    of the CUDA one, so dropout and TP-sharded init keep their named, reproducible streams.
-3. `torch.cuda.manual_seed*` become no-ops (they would queue lazy CUDA calls).
+3. `torch.cuda.manual_seed*` and `torch.cuda.synchronize` become no-ops (the first would
+   queue lazy CUDA calls, the second is called by checkpoint saving).
+4. `Tensor.cuda()` returns the tensor itself (Megatron moves the tied output embedding to
+   CUDA before all-reducing it between the first and last pipeline stage).
+5. Modules that allocate with a literal `device="cuda"` (the pipeline schedules' token
+   counters, checkpoint save/load helpers) see a `torch` whose factory functions map that device to CPU.
 
 It only acts when CUDA is unavailable or when explicitly forced (CPU run on a GPU host);
 nothing else in the package touches these internals.
@@ -16,6 +21,7 @@ nothing else in the package touches these internals.
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -56,6 +62,36 @@ def _make_cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
+_FACTORIES = ("zeros", "ones", "empty", "empty_like", "full", "tensor", "arange")
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+
+
+def _cpu_device(device):
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+def _torch_with_cpu_factories() -> types.ModuleType:
+    """A stand-in for the `torch` module whose factory functions turn 'cuda' into 'cpu'."""
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+    for name in _FACTORIES:
+        fn = getattr(torch, name)
+
+        def factory(*args, _fn=fn, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return _fn(*args, **kwargs)
+
+        setattr(proxy, name, factory)
+    return proxy
+
+
 def enable_cpu_mode(force: bool = False) -> None:
     """Patch Megatron-Core's CUDA assumptions so models build and train on CPU."""
     global _ENABLED
@@ -68,8 +104,15 @@ def enable_cpu_mode(force: bool = False) -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]
     torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     tracker_cls = _make_cpu_rng_tracker_class()
     mrandom.CudaRNGStatesTracker = tracker_cls
     mrandom._CUDA_RNG_STATE_TRACKER = tracker_cls()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    import importlib
+
+    cpu_torch = _torch_with_cpu_factories()
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        importlib.import_module(name).torch = cpu_torch
     _ENABLED = True

@@ -91,6 +91,7 @@ def build_transformer_config(
         kernel_attention_backend=m.attention_backend,
         kernel_mamba_backend=m.mamba_backend,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
     )

@@ -1,0 +1,1 @@
+"""Checkpoints: Megatron-Core dist_checkpointing (torch_dist format)."""
