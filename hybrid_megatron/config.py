@@ -316,7 +316,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Load and validate a YAML run config; `overrides` are `a.b.c=value` strings."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}. Pass a YAML file such as configs/tiny.yaml.")
+        raise ConfigError(
+            f"Config file not found: {path}. Pass a YAML file such as configs/tiny.yaml."
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -29,7 +29,7 @@ from hybrid_megatron.config import ModelConfig, ParallelConfig
 from hybrid_megatron.errors import ConfigError
 
 
-class LayerKind(str, enum.Enum):
+class LayerKind(enum.StrEnum):
     MAMBA = "M"
     FULL_ATTENTION = "*"
     SLIDING_WINDOW = "S"
@@ -174,7 +174,9 @@ def compile_pattern(model: ModelConfig, parallel: ParallelConfig | None = None) 
         if kind.is_attention:
             opts = model.swa if kind == LayerKind.SLIDING_WINDOW else model.full_attention
             window = model.swa.window if kind == LayerKind.SLIDING_WINDOW else None
-            layers.append(LayerPlan(i + 1, kind, window, opts.rope, opts.rope_theta if opts.rope else None))
+            layers.append(
+                LayerPlan(i + 1, kind, window, opts.rope, opts.rope_theta if opts.rope else None)
+            )
         else:
             layers.append(LayerPlan(i + 1, kind, None, None, None))
     has_swa = LayerKind.SLIDING_WINDOW in kinds

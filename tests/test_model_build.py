@@ -97,7 +97,9 @@ def _build_and_describe(model_dict: dict, pp: int):
     from hybrid_megatron.model.build import build_model
 
     pattern = model_dict["pattern"] if pp > 1 else model_dict["pattern"].replace("|", "")
-    cfg = from_dict(RunConfig, {"model": {**model_dict, "pattern": pattern}, "parallel": {"pipeline": pp}})
+    cfg = from_dict(
+        RunConfig, {"model": {**model_dict, "pattern": pattern}, "parallel": {"pipeline": pp}}
+    )
     cfg.validate()
     distributed.initialize(cfg.parallel)
     model = build_model(

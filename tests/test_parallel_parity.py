@@ -44,7 +44,9 @@ def _config(tp: int, pp: int, sp: bool = False):
 
 def _batches():
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, MODEL["vocab_size"], (MICRO * NUM_MICRO, MODEL["seq_length"] + 1), generator=g)
+    data = torch.randint(
+        0, MODEL["vocab_size"], (MICRO * NUM_MICRO, MODEL["seq_length"] + 1), generator=g
+    )
     out = []
     for i in range(NUM_MICRO):
         chunk = data[i * MICRO : (i + 1) * MICRO]
@@ -97,7 +99,11 @@ def _load_flat(path: str) -> dict[str, torch.Tensor]:
     distributed.initialize(cfg.parallel)
     model = build_model(cfg)
     load_model_state([model], path)
-    return {k: v.clone() for k, v in model.state_dict().items() if v is not None and v.is_floating_point()}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if v is not None and v.is_floating_point()
+    }
 
 
 @pytest.fixture(scope="module")

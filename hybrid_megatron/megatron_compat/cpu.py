@@ -12,7 +12,8 @@ Megatron-Core assumes CUDA in a few places. This module is the one place that ha
 4. `Tensor.cuda()` returns the tensor itself (Megatron moves the tied output embedding to
    CUDA before all-reducing it between the first and last pipeline stage).
 5. Modules that allocate with a literal `device="cuda"` (the pipeline schedules' token
-   counters, checkpoint save/load helpers) see a `torch` whose factory functions map that device to CPU.
+   counters, checkpoint save/load helpers) see a `torch` whose factory functions map that
+   device to CPU.
 
 It only acts when CUDA is unavailable or when explicitly forced (CPU run on a GPU host);
 nothing else in the package touches these internals.

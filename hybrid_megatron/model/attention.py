@@ -55,7 +55,9 @@ class HybridCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.backend = backend or config.kernel_attention_backend
         self.window: int | None = None
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number
+        ):
             self.window = config.window_size[0] + 1
 
     def forward(

@@ -9,7 +9,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hybrid_megatron.config import RunConfig
 from hybrid_megatron.model.specs import hybrid_stack_spec, select_linear_backend
-from hybrid_megatron.model.transformer_config import HybridTransformerConfig, build_transformer_config
+from hybrid_megatron.model.transformer_config import (
+    HybridTransformerConfig,
+    build_transformer_config,
+)
 from hybrid_megatron.pattern import CompiledPattern, compile_pattern
 
 

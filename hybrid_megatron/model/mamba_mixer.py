@@ -13,13 +13,11 @@ in_proj output per TP rank: [z (d_inner), x (d_inner), B (g*n), C (g*n), dt (hea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
-from dataclasses import dataclass, replace
-from typing import Union
-
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -40,8 +38,8 @@ from hybrid_megatron.model.transformer_config import HybridTransformerConfig
 class MambaMixerSubmodules:
     """Specs of the mixer's input and output projections (same fields as Megatron's)."""
 
-    in_proj: Union[ModuleSpec, type, None] = None
-    out_proj: Union[ModuleSpec, type, None] = None
+    in_proj: ModuleSpec | type | None = None
+    out_proj: ModuleSpec | type | None = None
 
 
 def _split_factory(sh_ten: ShardedTensor, sizes: list[int], names: list[str]):
@@ -50,8 +48,14 @@ def _split_factory(sh_ten: ShardedTensor, sizes: list[int], names: list[str]):
 
     @torch.no_grad()
     def build(key, t, replica_id, flattened_range):
-        whole = replace(template, key=key, data=t, dtype=t.dtype, replica_id=replica_id,
-                        flattened_range=flattened_range)
+        whole = replace(
+            template,
+            key=key,
+            data=t,
+            dtype=t.dtype,
+            replica_id=replica_id,
+            flattened_range=flattened_range,
+        )
         parts, start = [], 0
         for size, name in zip(sizes, names):
             for part in whole.narrow(0, start, size):
@@ -146,7 +150,7 @@ class HybridMambaMixer(MegatronModule):
             dtype=config.params_dtype,
         )
         for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D):
-            setattr(p, "tensor_model_parallel", True)
+            p.tensor_model_parallel = True
         self.out_proj = build_module(
             submodules.out_proj,
             self.d_inner,
@@ -171,15 +175,26 @@ class HybridMambaMixer(MegatronModule):
         )
         for name, module in self.named_children():
             if name == "conv1d":
-                sd.update(make_sharded_tensors_for_checkpoint(
-                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.",
-                    {"weight": 0, "bias": 0}, sharded_offsets, tp_group=self.tp_group,
-                    dp_cp_group=metadata["dp_cp_group"],
-                ))
+                sd.update(
+                    make_sharded_tensors_for_checkpoint(
+                        module.state_dict(prefix="", keep_vars=True),
+                        f"{prefix}{name}.",
+                        {"weight": 0, "bias": 0},
+                        sharded_offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=metadata["dp_cp_group"],
+                    )
+                )
             else:
-                sd.update(sharded_state_dict_default(
-                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
-                ))
+                sd.update(
+                    sharded_state_dict_default(
+                        module,
+                        f"{prefix}{name}.",
+                        sharded_offsets,
+                        metadata,
+                        tp_group=self.tp_group,
+                    )
+                )
         gn = self.ngroups_local_tp * self.d_state
         sd[f"{prefix}in_proj.weight"] = _split_factory(
             sd[f"{prefix}in_proj.weight"],
@@ -208,8 +223,11 @@ class HybridMambaMixer(MegatronModule):
         ).transpose(1, 2)
         x, B, C = torch.split(
             xBC,
-            [self.d_inner_local_tp, self.ngroups_local_tp * self.d_state,
-             self.ngroups_local_tp * self.d_state],
+            [
+                self.d_inner_local_tp,
+                self.ngroups_local_tp * self.d_state,
+                self.ngroups_local_tp * self.d_state,
+            ],
             dim=-1,
         )
         ssd = select_ssd_impl(self.config.kernel_mamba_backend)
@@ -226,8 +244,14 @@ class HybridMambaMixer(MegatronModule):
         )
         return self.norm(y.reshape(b, l, -1), z)
 
-    def forward(self, hidden_states, inference_context=None, *, inference_params=None,
-                packed_seq_params=None):
+    def forward(
+        self,
+        hidden_states,
+        inference_context=None,
+        *,
+        inference_params=None,
+        packed_seq_params=None,
+    ):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError(
                 "Megatron inference contexts are not supported; generate with the HF model."

@@ -16,7 +16,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 class GatedRMSNorm(torch.nn.Module):
@@ -27,7 +27,7 @@ class GatedRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.group_size = group_size
         self.eps = eps
-        setattr(self.weight, "tensor_model_parallel", True)
+        self.weight.tensor_model_parallel = True
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         from hybrid_megatron.kernels.mamba_ops import gated_rms_norm
@@ -36,4 +36,6 @@ class GatedRMSNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {"weight": 0}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"weight": 0}, sharded_offsets
+        )

@@ -95,7 +95,8 @@ def hybrid_stack_spec(linear_backend: str, num_moe_experts: int | None = None) -
             submodules=TransformerLayerSubmodules(
                 pre_mlp_layernorm=RMSNorm if linear_backend == "local" else final_norm,
                 mlp=get_moe_module_spec(
-                    use_te=linear_backend == "te", num_experts=num_moe_experts,
+                    use_te=linear_backend == "te",
+                    num_experts=num_moe_experts,
                     moe_grouped_gemm=False,
                 ),
                 mlp_bda=get_bias_dropout_add,

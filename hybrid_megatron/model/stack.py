@@ -11,7 +11,6 @@ sharded_state_dict are MambaStack's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -27,7 +26,7 @@ from hybrid_megatron.pattern import CompiledPattern, LayerKind
 
 @dataclass
 class HybridStackSubmodules(MambaStackSubmodules):
-    final_norm: Union[ModuleSpec, type] = IdentityOp
+    final_norm: ModuleSpec | type = IdentityOp
 
 
 class HybridStack(MambaStack):

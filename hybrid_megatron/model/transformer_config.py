@@ -75,7 +75,9 @@ def build_transformer_config(
         sequence_parallel=p.sequence_parallel,
         pipeline_model_parallel_layout=compiled.pipeline_layout(),
         window_size=compiled.window_size,
-        window_attn_skip_freq=list(compiled.window_attn_skip_freq) if compiled.window_size else None,
+        window_attn_skip_freq=list(compiled.window_attn_skip_freq)
+        if compiled.window_size
+        else None,
         no_rope_freq=list(compiled.no_rope_freq),
         layer_rope_theta=[pl.rope_theta for pl in compiled.layers],
         rotary_base=rotary_base or 10000.0,
