@@ -145,3 +145,26 @@ def test_tiny_forward_backward_runs_on_cpu_in_seconds():
     assert grads_ok
     assert 0 < loss < 10
     assert elapsed < 20, f"tiny forward+backward took {elapsed:.1f}s"
+
+
+def _count_built(config_path: str):
+    from hybrid_megatron import distributed
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.model.build import build_model
+
+    cfg = load_config(config_path)
+    distributed.initialize(cfg.parallel)
+    model = build_model(cfg)
+    return sum(p.numel() for p in model.parameters()), cfg.model.padded_vocab_size(1)
+
+
+def test_param_count_formula_matches_built_model():
+    import dataclasses
+
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.model.params import count_params
+
+    built, padded_vocab = run_distributed(_count_built, 1, "configs/tiny.yaml")[0]
+    model_cfg = load_config("configs/tiny.yaml").model
+    counted = count_params(dataclasses.replace(model_cfg, vocab_size=padded_vocab))["total"]
+    assert counted == built
