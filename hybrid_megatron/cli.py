@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hybrid_megatron.errors import ConfigError
@@ -55,6 +56,71 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Build the model for this rank's layout and run forward-backward on random tokens."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from hybrid_megatron import distributed
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.model.build import build_model
+    from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
+
+    cfg = load_config(args.config, args.set)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg.validate(world_size=world)
+    device = distributed.initialize(cfg.parallel, device=args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = build_model(
+        cfg,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        params_dtype=dtype,
+        device=device,
+    )
+    build_s = time.perf_counter() - t0
+    ddp = wrap_ddp([model], model.config)
+    s, mb, n_micro = cfg.model.seq_length, args.micro_batch_size, args.num_microbatches
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            x = torch.randint(0, cfg.model.vocab_size, (mb, s + 1), generator=gen).to(device)
+            yield dict(
+                tokens=x[:, :-1],
+                labels=x[:, 1:],
+                loss_mask=torch.ones(mb, s, device=device),
+                position_ids=torch.arange(s, device=device).expand(mb, -1),
+            )
+
+    times, loss = [], None
+    for _ in range(args.steps):
+        ddp[0].zero_grad_buffer()
+        t0 = time.perf_counter()
+        loss = forward_backward(ddp, batches(), n_micro, s, mb)
+        times.append(time.perf_counter() - t0)
+    dp = ps.get_data_parallel_world_size()
+    tokens = s * mb * n_micro * dp
+    if (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and (ps.get_data_parallel_rank() == 0)
+    ):
+        best = min(times)
+        print(
+            f"check ok: device={device.type} world={dist.get_world_size()} "
+            f"tp={cfg.parallel.tensor} "
+            f"pp={cfg.parallel.pipeline} dp={dp} | build {build_s:.2f}s | loss {loss:.4f} | "
+            f"fwd+bwd {best:.3f}s for {tokens} tokens ({tokens / best:,.0f} tokens/s)"
+        )
+    distributed.destroy()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-megatron",
@@ -71,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set model.swa.window=64",
     )
     info.set_defaults(func=cmd_info)
+    check = sub.add_parser(
+        "check",
+        help="build the model for this machine/launch layout and time forward+backward "
+        "(also under torchrun for TP/PP)",
+    )
+    check.add_argument("config")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    check.add_argument("--micro-batch-size", type=int, default=2)
+    check.add_argument("--num-microbatches", type=int, default=2)
+    check.add_argument("--steps", type=int, default=3, help="timed repetitions (best is shown)")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

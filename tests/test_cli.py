@@ -1,0 +1,40 @@
+"""The command line: info output, check runs a real step, config errors exit 2 with a message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hybrid_megatron.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_info_shows_every_layer_with_window_and_rope():
+    out = _cli("info", "configs/tiny.yaml", "--set", "model.swa.window=16")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 12
+    swa = [r for r in rows if "sliding-window" in " ".join(r)]
+    assert len(swa) == 2 and all("16" in r for r in swa)
+    full = [r for r in rows if "full" in r]
+    assert all("nope" in r for r in full)
+
+
+def test_check_runs_forward_backward():
+    out = _cli("check", "configs/tiny.yaml", "--steps", "1")
+    assert out.returncode == 0, out.stderr
+    assert "check ok: device=cpu" in out.stdout
+
+
+def test_config_error_exits_2_with_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  pattern: 'M-X-'\n")
+    out = _cli("info", str(bad))
+    assert out.returncode == 2
+    assert "Unknown symbol 'X'" in out.stderr
