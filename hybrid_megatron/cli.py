@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.errors import BackendUnavailableError, ConfigError
 
 
 def _fmt(n: int) -> str:
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"hybrid-megatron: config error: {e}", file=sys.stderr)
+        return 2
+    except BackendUnavailableError as e:
+        print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 2
 
 

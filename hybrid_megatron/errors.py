@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested kernel/backend/feature is not available here; the message names the fix."""

@@ -38,3 +38,18 @@ def test_config_error_exits_2_with_message(tmp_path):
     out = _cli("info", str(bad))
     assert out.returncode == 2
     assert "Unknown symbol 'X'" in out.stderr
+
+
+def test_moe_without_transformer_engine_is_a_clear_error():
+    out = _cli(
+        "check",
+        "configs/tiny.yaml",
+        "--steps",
+        "1",
+        "--set",
+        "model.pattern=M-S*E",
+        "--set",
+        "model.num_moe_experts=4",
+    )
+    assert out.returncode != 0
+    assert "MoE layers ('E') need Transformer Engine" in out.stderr

@@ -8,6 +8,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hybrid_megatron.config import RunConfig
+from hybrid_megatron.errors import BackendUnavailableError
 from hybrid_megatron.model.specs import hybrid_stack_spec, select_linear_backend
 from hybrid_megatron.model.transformer_config import (
     HybridTransformerConfig,
@@ -35,6 +36,11 @@ def build_model(
         cfg, compiled, params_dtype=params_dtype, use_cpu_initialization=device.type == "cpu"
     )
     linear_backend = select_linear_backend(cfg.model.attention_backend, device.type == "cuda")
+    if cfg.model.num_moe_experts and linear_backend == "local":
+        raise BackendUnavailableError(
+            "MoE layers ('E') need Transformer Engine: megatron-core 0.16's MoE router calls TE "
+            "kernels. Install the gpu extra on a CUDA host or use '-' (dense MLP) instead."
+        )
     spec = hybrid_stack_spec(linear_backend, cfg.model.num_moe_experts)
     spec = ModuleSpec(
         module=spec.module,

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from hybrid_megatron.errors import BackendUnavailableError
 from hybrid_megatron.model.attention import HybridCoreAttention, HybridSelfAttention
 from hybrid_megatron.model.mamba_mixer import HybridMambaMixer, MambaMixerSubmodules
 from hybrid_megatron.model.norm import RMSNorm
@@ -44,12 +45,12 @@ def select_linear_backend(attention_backend: str, on_cuda: bool) -> str:
     """'te' when requested or (auto) when TE is installed and we run on CUDA, else 'local'."""
     if attention_backend == "te":
         if not transformer_engine_available():
-            raise RuntimeError(
+            raise BackendUnavailableError(
                 "model.attention_backend is 'te' but transformer-engine is not installed; "
                 "pip install 'hybrid-megatron[gpu]' or set model.attention_backend: auto."
             )
         if not on_cuda:
-            raise RuntimeError("model.attention_backend 'te' needs a CUDA device.")
+            raise BackendUnavailableError("model.attention_backend 'te' needs a CUDA device.")
         return "te"
     if attention_backend == "auto" and on_cuda and transformer_engine_available():
         return "te"
