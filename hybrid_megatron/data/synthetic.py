@@ -1,0 +1,383 @@
+"""Deterministic synthetic corpus that teaches long-range retrieval to a tiny byte-level LM.
+
+Each document mixes plain filler sentences with facts that are stated early and asked about
+later, so predicting the answer requires looking back:
+
+* key-value:  ``key 4821 = 73019.``  ...  ``The value of key 4821 is 73019.``
+* pass key:   ``The pass key is 58213. Remember it.``  ...
+  ``What is the pass key? The pass key is 58213.``
+
+Every stated fact is asked exactly once, and only stated facts are asked. A document holds
+1..`max_facts` facts (at most one pass key; key-value facts have distinct keys), so several
+statements can stand between a query and its answer. Filler uses a small built-in word list
+with no digits, so the only numbers in a document are keys and values.
+
+Distance is counted in characters from the end of a statement (after its period) to the start
+of its query. The text is ASCII, so with the byte tokenizer characters == tokens. Each fact's
+distance is drawn uniformly from [min_distance, max_distance]; when events collide the later
+one is pushed back, and a document whose pushed distance would exceed max_distance is redrawn,
+so every recorded distance lies in [min_distance, max_distance]. Documents are about
+100 + max_distance characters long, so with max_distance well under the training sequence
+length the fact and its query usually land in one sequence.
+
+Document i depends only on (seed, i): a larger corpus with the same seed starts with the
+same documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hybrid_megatron.errors import ConfigError
+
+_ADJECTIVES = (
+    "old",
+    "red",
+    "small",
+    "quiet",
+    "happy",
+    "green",
+    "tall",
+    "cold",
+    "bright",
+    "gentle",
+    "busy",
+    "soft",
+    "brave",
+    "lazy",
+    "young",
+    "wild",
+    "calm",
+    "dark",
+    "warm",
+    "tiny",
+    "friendly",
+    "beautiful",
+)
+_NOUNS = (
+    "dog",
+    "cat",
+    "bird",
+    "farmer",
+    "teacher",
+    "child",
+    "horse",
+    "baker",
+    "sailor",
+    "fox",
+    "river",
+    "tree",
+    "boat",
+    "garden",
+    "window",
+    "lamp",
+    "road",
+    "cloud",
+    "apple",
+    "village",
+    "mountain",
+    "carpenter",
+)
+_VERBS = (
+    "sleeps",
+    "walks",
+    "sings",
+    "waits",
+    "runs",
+    "rests",
+    "plays",
+    "stands",
+    "reads",
+    "sits",
+    "dances",
+    "works",
+    "smiles",
+    "listens",
+    "wanders",
+)
+_PLACES = (
+    "near the river",
+    "in the garden",
+    "by the road",
+    "under the tree",
+    "at the market",
+    "on the hill",
+    "in the kitchen",
+    "behind the house",
+    "across the field",
+    "at home",
+)
+_TIMES = (
+    "today",
+    "at noon",
+    "in the morning",
+    "every day",
+    "after dinner",
+    "in the evening",
+    "on sunday",
+    "before lunch",
+)
+_NAMES = ("Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack")
+# Short words so that any exact sentence length can be built (see _exact_sentence).
+_SHORT = ("we", "it", "to", "go", "on", "up", "is", "the", "sun", "sky", "and", "sea")
+
+_TEMPLATES = (
+    lambda r: (
+        f"The {r.choice(_ADJECTIVES)} {r.choice(_NOUNS)} {r.choice(_VERBS)} {r.choice(_PLACES)}."
+    ),
+    lambda r: f"A {r.choice(_NOUNS)} is {r.choice(_ADJECTIVES)} {r.choice(_TIMES)}.",
+    lambda r: f"{r.choice(_NAMES)} sees the {r.choice(_ADJECTIVES)} {r.choice(_NOUNS)}.",
+    lambda r: f"{r.choice(_NAMES)} {r.choice(_VERBS)} {r.choice(_PLACES)} {r.choice(_TIMES)}.",
+    lambda r: f"The {r.choice(_NOUNS)} and the {r.choice(_NOUNS)} are {r.choice(_ADJECTIVES)}.",
+)
+
+_MIN_WORD, _MAX_WORD = 2, 9
+_BY_LENGTH: dict[int, tuple[str, ...]] = {}
+for _w in sorted({*_ADJECTIVES, *_NOUNS, *_VERBS, *_SHORT, *(n.lower() for n in _NAMES)}):
+    if _MIN_WORD <= len(_w) <= _MAX_WORD:
+        _BY_LENGTH.setdefault(len(_w), ())
+        _BY_LENGTH[len(_w)] += (_w,)
+if any(n not in _BY_LENGTH for n in range(_MIN_WORD, _MAX_WORD + 1)):
+    raise RuntimeError("the filler word list must hold a word of every length 2..9")
+
+MIN_DISTANCE_FLOOR = 5  # smallest gap that holds a filler sentence: " " + "It." + " " minus 1
+_MAX_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One stated-then-asked fact; offsets are character offsets into the document text."""
+
+    kind: str  # "kv" or "passkey"
+    key: str | None  # the 4-digit key for "kv", None for "passkey"
+    value: str  # the 5-digit answer
+    statement_start: int
+    statement_end: int  # one past the statement's final period
+    query_start: int
+    answer_start: int  # offset of `value` inside the query
+    distance: int  # query_start - statement_end
+
+
+@dataclass(frozen=True)
+class SyntheticDocument:
+    text: str
+    facts: tuple[Fact, ...]
+
+
+def _exact_sentence(rng: random.Random, length: int) -> str:
+    """A capitalized sentence of exactly `length` (>= 3) characters ending in a period."""
+    rem = length - 1  # characters of words joined by spaces
+    words: list[str] = []
+    while rem > _MAX_WORD:
+        k = rng.randint(_MIN_WORD, min(_MAX_WORD, rem - 1 - _MIN_WORD))
+        words.append(rng.choice(_BY_LENGTH[k]))
+        rem -= k + 1
+    words.append(rng.choice(_BY_LENGTH[rem]))
+    words[0] = words[0].capitalize()
+    return " ".join(words) + "."
+
+
+def _filler(rng: random.Random, length: int) -> str:
+    """Plain sentences joined by spaces, exactly `length` (>= 3) characters long."""
+    out: list[str] = []
+    rem = length
+    while True:
+        s = rng.choice(_TEMPLATES)(rng)
+        if len(s) == rem:
+            out.append(s)
+            break
+        if len(s) + 1 + 3 <= rem:
+            out.append(s)
+            rem -= len(s) + 1
+        else:
+            out.append(_exact_sentence(rng, rem))
+            break
+    return " ".join(out)
+
+
+def _gap(rng: random.Random, g: int) -> str:
+    """Separator text between two events, `g` characters long (g == 1 or g >= 5)."""
+    return " " if g == 1 else " " + _filler(rng, g - 2) + " "
+
+
+def _layout(
+    rng: random.Random, n_kv: int, passkey: bool, min_distance: int, max_distance: int
+) -> SyntheticDocument | None:
+    """Place statements and queries; None if a pushed-back query would exceed max_distance."""
+    keys = rng.sample(range(1000, 10000), n_kv)
+    specs = [("kv", str(k), str(rng.randint(10000, 99999))) for k in keys]
+    if passkey:
+        specs.append(("passkey", None, str(rng.randint(10000, 99999))))
+    rng.shuffle(specs)
+
+    def statement(i: int) -> str:
+        kind, key, value = specs[i]
+        return f"key {key} = {value}." if kind == "kv" else f"The pass key is {value}. Remember it."
+
+    def query(i: int) -> tuple[str, int]:
+        kind, key, value = specs[i]
+        if kind == "kv":
+            prefix = f"The value of key {key} is "
+        else:
+            prefix = "What is the pass key? The pass key is "
+        return f"{prefix}{value}.", len(prefix)
+
+    lead = 0 if rng.random() < 0.3 else rng.randint(4, 80)
+    heap: list[tuple[int, int, str, int]] = []  # (desired start, tie-break, event, fact)
+    pos = lead
+    for i in range(len(specs)):
+        heapq.heappush(heap, (pos, len(heap), "stmt", i))
+        gap = 1 if rng.random() < 0.3 else rng.randint(MIN_DISTANCE_FLOOR, 60)
+        pos += len(statement(i)) + gap
+
+    parts: list[str] = []
+    cursor = 0
+    stmt_span: dict[int, tuple[int, int]] = {}
+    facts: list[Fact] = []
+    tie = len(heap)
+    while heap:
+        desired, _, event, i = heapq.heappop(heap)
+        if cursor == 0:
+            if desired > 0:
+                parts.append(_filler(rng, desired - 1) + " ")
+                cursor = desired
+        else:
+            g = max(desired - cursor, 1)
+            if 1 < g < MIN_DISTANCE_FLOOR:
+                g = MIN_DISTANCE_FLOOR
+            parts.append(_gap(rng, g))
+            cursor += g
+        if event == "stmt":
+            text = statement(i)
+            stmt_span[i] = (cursor, cursor + len(text))
+            distance = rng.randint(min_distance, max_distance)
+            heapq.heappush(heap, (cursor + len(text) + distance, tie, "query", i))
+            tie += 1
+        else:
+            text, answer_offset = query(i)
+            start, end = stmt_span[i]
+            if cursor - end > max_distance:
+                return None
+            kind, key, value = specs[i]
+            facts.append(
+                Fact(kind, key, value, start, end, cursor, cursor + answer_offset, cursor - end)
+            )
+        parts.append(text)
+        cursor += len(text)
+    if rng.random() < 0.5:
+        parts.append(" " + _filler(rng, rng.randint(3, 60)))
+    facts.sort(key=lambda f: f.statement_start)
+    return SyntheticDocument("".join(parts), tuple(facts))
+
+
+def _check_args(min_distance: int, max_distance: int, max_facts: int) -> None:
+    if min_distance < MIN_DISTANCE_FLOOR:
+        raise ConfigError(
+            f"min_distance={min_distance} is too small: filler comes in whole sentences, so "
+            f"use min_distance >= {MIN_DISTANCE_FLOOR}."
+        )
+    if max_distance < min_distance:
+        raise ConfigError(
+            f"max_distance={max_distance} is below min_distance={min_distance}; "
+            "use max_distance >= min_distance."
+        )
+    if max_facts < 1:
+        raise ConfigError(f"max_facts={max_facts}; use max_facts >= 1.")
+
+
+def generate_document(
+    rng: random.Random, min_distance: int = 16, max_distance: int = 256, max_facts: int = 3
+) -> SyntheticDocument:
+    """One document drawn from `rng` (see the module docstring for the format)."""
+    _check_args(min_distance, max_distance, max_facts)
+    for attempt in range(_MAX_ATTEMPTS + 1):
+        total = 1 if attempt == _MAX_ATTEMPTS else rng.randint(1, max_facts)
+        passkey = rng.random() < 0.4
+        doc = _layout(rng, total - passkey, passkey, min_distance, max_distance)
+        if doc is not None:
+            return doc
+    raise AssertionError("a single-fact document always fits")  # pragma: no cover
+
+
+def iter_documents(
+    num_docs: int,
+    seed: int = 0,
+    min_distance: int = 16,
+    max_distance: int = 256,
+    max_facts: int = 3,
+) -> Iterator[SyntheticDocument]:
+    """Documents 0..num_docs-1; document i depends only on (seed, i)."""
+    _check_args(min_distance, max_distance, max_facts)
+    for i in range(num_docs):
+        yield generate_document(
+            random.Random(f"hybrid-megatron-synthetic:{seed}:{i}"),
+            min_distance,
+            max_distance,
+            max_facts,
+        )
+
+
+def generate_corpus(
+    path: str | Path,
+    num_docs: int,
+    seed: int = 0,
+    min_distance: int = 16,
+    max_distance: int = 256,
+    *,
+    max_facts: int = 3,
+    include_facts: bool = False,
+) -> Path:
+    """Write `num_docs` documents as JSONL lines ``{"text": ...}`` to `path` and return it.
+
+    With `include_facts`, each line also carries ``"facts"`` (a list of `Fact` dicts) for
+    retrieval evaluation; preprocessing reads only the text key.
+    """
+    _check_args(min_distance, max_distance, max_facts)
+    if num_docs < 1:
+        raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for doc in iter_documents(num_docs, seed, min_distance, max_distance, max_facts):
+            record: dict = {"text": doc.text}
+            if include_facts:
+                record["facts"] = [asdict(fact) for fact in doc.facts]
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hybrid_megatron.data.synthetic", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--output", required=True, help="JSONL file to write")
+    parser.add_argument("--num-docs", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-distance", type=int, default=16)
+    parser.add_argument("--max-distance", type=int, default=256)
+    parser.add_argument("--max-facts", type=int, default=3)
+    parser.add_argument("--include-facts", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out = generate_corpus(
+            args.output,
+            args.num_docs,
+            args.seed,
+            args.min_distance,
+            args.max_distance,
+            max_facts=args.max_facts,
+            include_facts=args.include_facts,
+        )
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {args.num_docs} documents to {out}")
+
+
+if __name__ == "__main__":
+    main()
