@@ -121,6 +121,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Pretrain (or resume) the run a config describes; also under torchrun / srun."""
+    from hybrid_megatron import distributed
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.training.trainer import train
+
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    try:
+        result = train(cfg)
+    finally:
+        distributed.destroy()
+    if result.stopped_by:
+        print(
+            f"stopped at step {result.iteration} ({result.stopped_by}); checkpoint "
+            f"{result.last_checkpoint}. Run the same command to resume.",
+            flush=True,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-megatron",
@@ -149,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--num-microbatches", type=int, default=2)
     check.add_argument("--steps", type=int, default=3, help="timed repetitions (best is shown)")
     check.set_defaults(func=cmd_check)
+    train = sub.add_parser(
+        "train",
+        help="pretrain a hybrid (resumes from the run directory's newest complete checkpoint)",
+    )
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--run-dir", help="where checkpoints and metrics go (default runs/NAME)")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.set_defaults(func=cmd_train)
+    from hybrid_megatron.reports.loss_curve import add_plot_subcommand
+
+    add_plot_subcommand(sub)
     return parser
 
 
@@ -162,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"hybrid-megatron: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

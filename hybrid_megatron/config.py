@@ -116,11 +116,98 @@ class ParallelConfig:
 
 
 @dataclass
-class RunConfig:
-    """Everything one run needs. Later stages add their own sections."""
+class SyntheticDataConfig:
+    """The built-in key-value / pass-key recall corpus (used when `data.prefixes` is empty)."""
 
+    num_docs: int = 20000
+    seed: int = 0
+    min_distance: int = 16
+    max_distance: int = 192
+    max_facts: int = 3
+
+
+@dataclass
+class DataConfig:
+    """Training data: preprocessed Megatron indexed datasets, or the generated corpus."""
+
+    # "PREFIX" or "WEIGHT PREFIX" entries (PREFIX.bin/.idx from tools/preprocess_data.py).
+    # Empty: generate the synthetic corpus under RUN_DIR/data and train on it.
+    prefixes: list[str] = field(default_factory=list)
+    split: str = "98,2,0"  # train,valid,test weights over each prefix's documents
+    tokenizer: str = "byte"  # "byte" (built in) or a local Hugging Face tokenizer directory
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    cache_dir: str | None = None  # Megatron index caches (default: beside the first prefix)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW on Megatron-Core's (distributed) optimizer, with the LR schedule."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    # warmup-stable-decay: length of the final decay phase (default: 20% of train.steps)
+    wsd_decay_steps: int | None = None
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    distributed: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch sizes, precision, evaluation and logging cadence."""
+
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward pass per rank
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    eval_interval: int = 50  # validation every N steps (0: never; always at the end)
+    eval_batches: int = 2  # global batches per validation
+    log_interval: int = 1
+    # Start from this checkpoint's weights only (long-context extension): a run dir, its
+    # checkpoints/ dir or an iter_* dir. Optimizer, schedule and data position start fresh.
+    init_from: str | None = None
+    # Stop (with a checkpoint) after this many steps of the run, e.g. to split a job.
+    exit_after_steps: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron-Core dist checkpoints (torch_dist) under RUN_DIR/checkpoints."""
+
+    interval: int = 100  # save every N steps (0: only at the end and on signals)
+    keep_last: int | None = 3  # complete checkpoints to keep (None: all)
+    save_on_signal: bool = True  # SIGTERM / SIGUSR1: save at the end of the step, then exit
+    resume: bool = True  # continue from the newest complete checkpoint of RUN_DIR
+    # fully_reshardable: optimizer state loads under any TP/PP/DP layout (gathers per DP
+    # group on save); dp_reshardable: faster, optimizer reshards over DP only.
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    checksums: bool = True  # record and verify CRC32 of every checkpoint file
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs."""
+
+    name: str = "run"
+    run_dir: str | None = None  # default: runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for the first invalid setting (before any process group starts)."""
@@ -129,6 +216,7 @@ class RunConfig:
         validate_model(self.model)
         validate_parallel(self.model, self.parallel, world_size)
         compile_pattern(self.model, self.parallel)
+        validate_training(self)
 
 
 def _positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
@@ -233,6 +321,73 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: int | None)
                 f"world size {world_size} is not divisible by tensor*pipeline*context = "
                 f"{model_parallel}; launch a multiple of {model_parallel} processes."
             )
+
+
+def validate_training(cfg: RunConfig) -> None:
+    """Batch sizes, schedule and data settings (data files are checked when data is built)."""
+    t, o, c = cfg.train, cfg.optimizer, cfg.checkpoint
+    for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.eval_batches", t.eval_batches)
+    _positive("train.exit_after_steps", t.exit_after_steps, allow_none=True)
+    _positive("checkpoint.keep_last", c.keep_last, allow_none=True)
+    for name in ("eval_interval",):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0 (0 disables), got {getattr(t, name)}.")
+    if c.interval < 0:
+        raise ConfigError(f"checkpoint.interval must be >= 0 (0: end only), got {c.interval}.")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}."
+        )
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(
+            f"optimizer.lr={o.lr} and optimizer.min_lr={o.min_lr} need 0 <= min_lr <= lr, lr > 0."
+        )
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]."
+        )
+    if o.schedule == "wsd":
+        decay = o.wsd_decay_steps if o.wsd_decay_steps is not None else max(1, t.steps // 5)
+        if decay <= 0 or decay + o.warmup_steps > t.steps:
+            raise ConfigError(
+                f"optimizer.wsd_decay_steps={decay} plus warmup_steps={o.warmup_steps} must be "
+                f"positive and at most train.steps={t.steps}."
+            )
+    if o.clip_grad < 0:
+        raise ConfigError(f"optimizer.clip_grad must be >= 0 (0 disables), got {o.clip_grad}.")
+    s = cfg.data.synthetic
+    if not cfg.data.prefixes:
+        _positive("data.synthetic.num_docs", s.num_docs)
+        if not 0 < s.min_distance <= s.max_distance:
+            raise ConfigError(
+                "data.synthetic needs 0 < min_distance <= max_distance, got "
+                f"{s.min_distance}, {s.max_distance}."
+            )
+
+
+def validate_batch_layout(cfg: RunConfig, world_size: int) -> int:
+    """Check that batch sizes fit the data-parallel size; return the micro-batches per step."""
+    t = cfg.train
+    p = cfg.parallel
+    dp = world_size // (p.tensor * p.pipeline * p.context)
+    if dp and t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size*data_parallel = {t.micro_batch_size}*{dp}; each data-parallel "
+            "rank needs a whole number of micro-batches per step."
+        )
+    if p.virtual_pipeline and (t.global_batch_size // (t.micro_batch_size * max(dp, 1))) % (
+        p.pipeline
+    ):
+        raise ConfigError(
+            "The interleaved pipeline schedule needs the number of micro-batches per step "
+            f"({t.global_batch_size // (t.micro_batch_size * max(dp, 1))}) to be a multiple "
+            f"of parallel.pipeline={p.pipeline}; raise train.global_batch_size."
+        )
+    return t.global_batch_size // (t.micro_batch_size * dp)
 
 
 # --------------------------------------------------------------------------- loading

@@ -12,8 +12,11 @@ Megatron-Core assumes CUDA in a few places. This module is the one place that ha
 4. `Tensor.cuda()` returns the tensor itself (Megatron moves the tied output embedding to
    CUDA before all-reducing it between the first and last pipeline stage).
 5. Modules that allocate with a literal `device="cuda"` (the pipeline schedules' token
-   counters, checkpoint save/load helpers) see a `torch` whose factory functions map that
-   device to CPU.
+   counters, checkpoint save/load helpers, the optimizer's grad-norm and found-inf buffers)
+   see a `torch` whose factory functions map that device to CPU.
+6. `cuda_tensor_type_names()`: Megatron's optimizer checks `param.type()` against
+   'torch.cuda.FloatTensor'; inside this context (used only around optimizer construction
+   and `step`) CPU tensors report the CUDA type name.
 
 It only acts when CUDA is unavailable or when explicitly forced (CPU run on a GPU host);
 nothing else in the package touches these internals.
@@ -68,6 +71,9 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
 )
 
 
@@ -117,3 +123,27 @@ def enable_cpu_mode(force: bool = False) -> None:
     for name in _MODULES_WITH_CUDA_LITERALS:
         importlib.import_module(name).torch = cpu_torch
     _ENABLED = True
+
+
+@contextlib.contextmanager
+def cuda_tensor_type_names():
+    """While active (and CPU mode is on), `tensor.type()` of a CPU tensor reads 'torch.cuda.*'.
+
+    Scoped to Megatron's optimizer, whose constructor and gradient clipping assert CUDA type
+    names; everything else keeps the real names.
+    """
+    if not _ENABLED:
+        yield
+        return
+    original = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]

@@ -1,0 +1,575 @@
+"""Hugging Face transformers model of hybrid Mamba-2 / sliding-window / full-attention LMs.
+
+Numerically this is hybrid_megatron's Megatron-Core model (local spec) at TP=1, computed with
+the same kernels (`attention`, `ssd`, `mamba_ops`, torch only):
+
+- pre-norm residual layers: x + block(RMSNorm(x)); final RMSNorm; tied or separate lm_head;
+- attention: q/k/v projections (Megatron's fused, group-interleaved `linear_qkv` split),
+  rotate-half RoPE with the layer type's theta, or none (NoPE); causal, windowed for
+  sliding-window layers; GQA;
+- Mamba-2: in_proj -> [z, x, B, C, dt]; depthwise causal conv + SiLU over [x, B, C];
+  chunked SSD with dt bias + softplus, A = -exp(A_log), skip D; grouped gated RMSNorm of
+  y * silu(z); out_proj;
+- MLP: SwiGLU (silu(gate) * up) or GELU.
+
+`attn_implementation`: "eager" (explicit softmax; the only one returning attention weights),
+"sdpa", "flex_attention", "flash_attention_2" (the last three are the kernel's backends).
+Padded batches (attention masks with zeros) are not supported.
+
+This file is shipped next to converted weights together with the files it imports
+(remote code); `save_pretrained` writes them all.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import attention as attention_kernel
+from .cache_hybrid_megatron import AttentionState, HybridMegatronCache, MambaState
+from .configuration_hybrid_megatron import (
+    ATTENTION_TYPES,
+    AUTO_MAP,
+    MAMBA,
+    MLP,
+    HybridMegatronConfig,
+)
+from .mamba_ops import causal_conv1d, causal_conv1d_update, gated_rms_norm
+from .ssd import select_ssd_impl, ssd_step
+
+try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # older transformers: plain torch initialisers
+    from torch.nn import init
+
+Tensor = torch.Tensor
+
+# attn_implementation -> backend of the attention kernel ("eager" is computed here).
+KERNEL_BACKENDS = {"sdpa": "sdpa", "flex_attention": "flex", "flash_attention_2": "flash_attn"}
+# Source files a saved model needs besides the weights (kernels are located at save time).
+CODE_FILES = (
+    "configuration_hybrid_megatron.py",
+    "cache_hybrid_megatron.py",
+    "modeling_hybrid_megatron.py",
+)
+KERNEL_FUNCTIONS = {
+    "attention.py": attention_kernel,
+    "ssd.py": ssd_step,
+    "mamba_ops.py": causal_conv1d,
+}
+
+
+def _copy(tensor: Tensor, value: Tensor) -> None:
+    if hasattr(init, "copy_"):
+        init.copy_(tensor, value)
+    else:
+        with torch.no_grad():
+            tensor.copy_(value)
+
+
+def write_code_files(directory: str | Path) -> list[Path]:
+    """Copy the modeling, config, cache and kernel sources flat into `directory`.
+
+    Works both from the package (kernels come from hybrid_megatron.kernels) and from a model
+    loaded as remote code (kernels are the sibling files it was loaded with).
+    """
+    directory = Path(directory)
+    here = Path(__file__).resolve().parent
+    written = []
+    for name in CODE_FILES:
+        written.append(Path(shutil.copyfile(here / name, directory / name)))
+    for name, fn in KERNEL_FUNCTIONS.items():
+        source = Path(sys.modules[fn.__module__].__file__)
+        written.append(Path(shutil.copyfile(source, directory / name)))
+    return written
+
+
+# ------------------------------------------------------------------------------- blocks
+
+
+class HybridMegatronRMSNorm(nn.Module):
+    """RMSNorm as in Megatron's local spec (torch's rms_norm)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class HybridMegatronGatedRMSNorm(nn.Module):
+    """Mamba-2's grouped RMSNorm of y * silu(z)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        return gated_rms_norm(y, z, self.weight, eps=self.eps, group_size=self.group_size)
+
+
+class HybridMegatronMLP(nn.Module):
+    """SwiGLU (gate_proj, up_proj, down_proj) or GELU (up_proj, down_proj) MLP."""
+
+    def __init__(self, config: HybridMegatronConfig) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gated = config.mlp_gated
+        self.act = F.silu if config.hidden_act == "silu" else F.gelu
+        if self.gated:
+            self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+def rope_cos_sin(
+    positions: Tensor, theta: float, dim: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [b or 1, 1, s, dim] for rotate-half RoPE (Megatron's formula, float32)."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [b, s, dim / 2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+    """Explicit causal (windowed) GQA attention; returns (output, probabilities [b, h, sq, sk]).
+
+    Same semantics as the kernel: queries are the last sq of sk positions, a window W lets
+    a query see itself and the W - 1 positions before it.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    sq, sk = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    i = torch.arange(sk - sq, sk, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible &= j > i - window
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return probs @ v, probs
+
+
+class HybridMegatronAttention(nn.Module):
+    """Causal self-attention: full or sliding-window, RoPE or NoPE, GQA."""
+
+    def __init__(self, config: HybridMegatronConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.layer_window(layer_idx)
+        self.rope_theta = config.rope_theta_for(config.layer_types[layer_idx])
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: dict[float, tuple[Tensor, Tensor]],
+        state: AttentionState | None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope_theta is not None:
+            cos, sin = rope[self.rope_theta]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is not None:
+            k, v = state.update(k, v)
+        impl = self.config._attn_implementation or "sdpa"
+        weights = None
+        if impl == "eager":
+            out, weights = eager_attention(q, k, v, self.window)
+        else:
+            backend = KERNEL_BACKENDS.get(impl)
+            if backend is None:
+                raise ValueError(
+                    f"attn_implementation={impl!r} is not supported by HybridMegatron models; "
+                    f"use one of {['eager', *KERNEL_BACKENDS]}."
+                )
+            if backend == "flex" and q.shape[2] != k.shape[2]:
+                backend = "sdpa"  # cached decoding: a flex compile per key length would not pay
+            out = attention_kernel(q, k, v, window=self.window, backend=backend)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out), (weights if output_attentions else None)
+
+
+class HybridMegatronMamba2Mixer(nn.Module):
+    """Mamba-2 mixer with Megatron-Core's parameter layout (TP=1)."""
+
+    def __init__(self, config: HybridMegatronConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_n_heads
+        self.head_dim = config.mamba_d_head
+        self.n_groups = config.mamba_n_groups
+        self.d_state = config.mamba_d_state
+        self.d_inner = config.d_inner
+        self.conv_dim = config.mamba_conv_dim
+        self.chunk_size = config.mamba_chunk_size
+        h = config.hidden_size
+        self.in_proj = nn.Linear(
+            h, 2 * self.d_inner + 2 * self.n_groups * self.d_state + self.num_heads, bias=False
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=config.mamba_d_conv,
+            groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1,
+            bias=True,
+        )
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = HybridMegatronGatedRMSNorm(
+            self.d_inner, self.d_inner // self.n_groups, config.mamba_rms_norm_eps
+        )
+        self.out_proj = nn.Linear(self.d_inner, h, bias=False)
+
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        gn = self.n_groups * self.d_state
+        return torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+
+    def forward(self, hidden: Tensor, state: MambaState | None) -> Tensor:
+        b, s, _ = hidden.shape
+        z, xbc, dt = torch.split(
+            self.in_proj(hidden), [self.d_inner, self.conv_dim, self.num_heads], dim=-1
+        )
+        A = -torch.exp(self.A_log.float())
+        weight = self.conv1d.weight.squeeze(1)
+        if state is not None and state.has_previous and s == 1:
+            y = self._step(xbc[:, 0], dt[:, 0], A, weight, state).view(b, 1, self.d_inner)
+        else:
+            y = self._scan(xbc, dt, A, weight, state)
+        return self.out_proj(self.norm(y, z))
+
+    def _scan(
+        self, xbc: Tensor, dt: Tensor, A: Tensor, weight: Tensor, state: MambaState | None
+    ) -> Tensor:
+        """Whole-sequence path (training-equivalent); continues from and updates `state`."""
+        b, s, _ = xbc.shape
+        previous = state is not None and state.has_previous
+        conv = causal_conv1d(
+            xbc.transpose(1, 2),
+            weight,
+            self.conv1d.bias,
+            "silu",
+            initial_state=state.conv if previous else None,
+            return_final_state=state is not None,
+        )
+        if state is not None:
+            conv, conv_state = conv
+        x, B, C = self._split_xbc(conv.transpose(1, 2))
+        extra: dict[str, Any] = {}
+        if state is not None:
+            extra = {"initial_states": state.ssm if previous else None, "return_final_states": True}
+        y = select_ssd_impl(self.config.mamba_backend)(
+            x.reshape(b, s, self.num_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(b, s, self.n_groups, self.d_state),
+            C.reshape(b, s, self.n_groups, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            **extra,
+        )
+        if state is not None:
+            y, ssm_state = y
+            state.set(conv_state.clone(), ssm_state.float(), s)
+        return y.reshape(b, s, self.d_inner)
+
+    def _step(
+        self, xbc: Tensor, dt: Tensor, A: Tensor, weight: Tensor, state: MambaState
+    ) -> Tensor:
+        """One-token decode: conv and SSM states are updated in place."""
+        b = xbc.shape[0]
+        xbc = causal_conv1d_update(xbc, state.conv, weight, self.conv1d.bias, "silu")
+        x, B, C = self._split_xbc(xbc)
+        y = ssd_step(
+            state.ssm,
+            x.reshape(b, self.num_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(b, self.n_groups, self.d_state),
+            C.reshape(b, self.n_groups, self.d_state),
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+        )
+        state.seen += 1
+        return y
+
+
+class HybridMegatronDecoderLayer(nn.Module):
+    """x + block(input_layernorm(x)), the block chosen by the layer type."""
+
+    def __init__(self, config: HybridMegatronConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = HybridMegatronRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.layer_type == MAMBA:
+            self.mixer = HybridMegatronMamba2Mixer(config, layer_idx)
+        elif self.layer_type in ATTENTION_TYPES:
+            self.self_attn = HybridMegatronAttention(config, layer_idx)
+        else:
+            self.mlp = HybridMegatronMLP(config)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        rope: dict[float, tuple[Tensor, Tensor]],
+        state: Any,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        x = self.input_layernorm(hidden)
+        weights = None
+        if self.layer_type == MAMBA:
+            out = self.mixer(x, state)
+        elif self.layer_type == MLP:
+            out = self.mlp(x)
+        else:
+            out, weights = self.self_attn(x, rope, state, output_attentions)
+        return hidden + out, weights
+
+
+# ------------------------------------------------------------------------------- models
+
+
+class HybridMegatronPreTrainedModel(PreTrainedModel):
+    config_class = HybridMegatronConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["HybridMegatronDecoderLayer"]
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _is_stateful = True  # recurrent states: no assisted/contrastive decoding
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (HybridMegatronRMSNorm, HybridMegatronGatedRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.zeros_(module.bias)
+        elif isinstance(module, HybridMegatronMamba2Mixer):
+            h = module.num_heads
+            _copy(module.A_log, torch.log(torch.linspace(1.0, 16.0, h)))
+            init.ones_(module.D)
+            dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), h)).clamp(min=1e-4)
+            _copy(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own HybridMegatronCache
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """transformers' save, plus the source files needed to load with trust_remote_code."""
+        self.config.auto_map = dict(AUTO_MAP)
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        write_code_files(save_directory)
+        return out
+
+
+class HybridMegatronModel(HybridMegatronPreTrainedModel):
+    """Embedding, hybrid layers and final norm; returns the last hidden states."""
+
+    def __init__(self, config: HybridMegatronConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            HybridMegatronDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = HybridMegatronRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _rope_tables(
+        self, positions: Tensor, dtype: torch.dtype
+    ) -> dict[float, tuple[Tensor, Tensor]]:
+        thetas = {self.config.rope_theta_for(t) for t in self.config.layer_types} - {None}
+        return {t: rope_cos_sin(positions, t, self.config.head_dim, dtype) for t in thetas}
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: HybridMegatronCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "HybridMegatron models do not support padding (attention_mask has zeros); pass "
+                "unpadded prompts of equal length, or one prompt per call."
+            )
+        output_attentions = bool(output_attentions)
+        if output_attentions and (self.config._attn_implementation or "sdpa") != "eager":
+            raise ValueError(
+                "output_attentions=True needs attn_implementation='eager' (the fused kernels do "
+                "not return attention weights)."
+            )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, HybridMegatronCache):
+            raise TypeError(
+                "past_key_values must be a HybridMegatronCache (or None); got "
+                f"{type(past_key_values).__name__}."
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = HybridMegatronCache(self.config)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device)[None]
+        rope = self._rope_tables(position_ids, hidden.dtype)
+
+        all_hidden: tuple[Tensor, ...] = ()
+        all_attn: tuple[Tensor, ...] = ()
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            state = past_key_values.layers[i] if past_key_values is not None else None
+            hidden, weights = layer(hidden, rope, state, output_attentions)
+            if weights is not None:
+                all_attn += (weights,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden or None,
+            attentions=all_attn or None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
+    """Hybrid LM with a (tied or separate) output head; `generate()` uses HybridMegatronCache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridMegatronConfig) -> None:
+        super().__init__(config)
+        self.model = HybridMegatronModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: HybridMegatronCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    # transformers 4.x lists the tied parameter names instead of a {target: source} mapping.
+    HybridMegatronForCausalLM._tied_weights_keys = ["lm_head.weight"]

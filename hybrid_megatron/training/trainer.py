@@ -1,0 +1,400 @@
+"""The pretraining loop on Megatron-Core: schedules, DDP, (distributed) optimizer, checkpoints.
+
+`train(cfg)` is what `hybrid-megatron train CONFIG` runs on every rank. Order of work:
+cheap checks first (config, batch layout, data files, checkpoints to load), then the model,
+then the loop. Every step: this rank's micro-batches -> Megatron forward-backward (no
+pipelining, 1F1B or interleaved, chosen by the parallel state) -> optimizer step -> scheduler
+step -> metrics; validation, checkpoints and signal-triggered stops at step boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state as ps
+
+from hybrid_megatron import distributed
+from hybrid_megatron.checkpoint.layout import (
+    CheckpointInfo,
+    find_latest_valid,
+    resolve_checkpoint,
+)
+from hybrid_megatron.checkpoint.training_state import (
+    TrainingProgress,
+    load_training_checkpoint,
+    load_weights_only,
+    save_training_checkpoint,
+)
+from hybrid_megatron.config import ConfigError, RunConfig, to_dict, validate_batch_layout
+from hybrid_megatron.model.build import build_model
+from hybrid_megatron.model.transformer_config import build_transformer_config
+from hybrid_megatron.pattern import compile_pattern
+from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
+from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
+from hybrid_megatron.training.signals import StopRequest
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did (returned on every rank; losses are global averages)."""
+
+    run_dir: Path
+    start_iteration: int
+    iteration: int
+    losses: dict[int, float] = field(default_factory=dict)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    stopped_by: str | None = None
+    last_checkpoint: Path | None = None
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _precision(cfg: RunConfig, device: torch.device) -> bool:
+    """True for bf16 training."""
+    p = cfg.train.precision
+    if p == "auto":
+        return device.type == "cuda"
+    if p == "bf16" and device.type != "cuda":
+        raise ConfigError(
+            "train.precision=bf16 needs a CUDA device; CPU training runs in fp32 "
+            "(set train.precision: auto or fp32)."
+        )
+    return p == "bf16"
+
+
+def build_model_chunks(cfg: RunConfig, device: torch.device, bf16: bool) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), before DDP wrapping."""
+    compiled = compile_pattern(cfg.model, cfg.parallel)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    vpp = cfg.parallel.virtual_pipeline or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        tconfig = build_transformer_config(
+            cfg, compiled, params_dtype=dtype, use_cpu_initialization=device.type == "cpu"
+        )
+        tconfig.bf16 = bf16
+        tconfig.pipeline_dtype = dtype
+        stage = vp_stage if vpp > 1 else None
+        chunk = build_model(
+            cfg,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+            params_dtype=dtype,
+            device=device,
+            compiled=compiled,
+            tconfig=tconfig,
+        )
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            chunk = Float16Module(tconfig, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def _check_run_dir_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume a run dir whose saved model differs from this config's model."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = to_dict(cfg)
+    diffs = [
+        k
+        for k in sorted(set(old.get("model", {})) | set(new["model"]))
+        if old.get("model", {}).get(k) != new["model"].get(k)
+        and k not in ("attention_backend", "mamba_backend")
+    ]
+    if diffs and any(find_latest_valid_quiet(run_dir / "checkpoints")):
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a different model (changed: "
+            f"{', '.join('model.' + d for d in diffs)}). Use a new run_dir, or start from those "
+            "weights in a new run with train.init_from."
+        )
+
+
+def find_latest_valid_quiet(ckpt_root: Path) -> list[CheckpointInfo]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = find_latest_valid(ckpt_root, verify_checksums=False)
+    return [info] if info else []
+
+
+def _write_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _global_loss(local: float | None, device: torch.device) -> float:
+    """Average a last-stage loss over data-parallel ranks and share it with every rank."""
+    value = torch.tensor([local if local is not None else 0.0], device=device, dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())  # only last stage != 0
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        value /= ps.get_data_parallel_world_size()
+    return float(value.item())
+
+
+def _global_sum(x: int, device: torch.device) -> int:
+    value = torch.tensor([x], device=device, dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+    return int(value.item())
+
+
+def _run_batches(cfg, chunks, batches, num_micro, forward_only):
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    return forward_backward(
+        chunks,
+        iters,
+        num_microbatches=num_micro,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def evaluate(cfg: RunConfig, chunks, valid_ds, num_micro: int, device: torch.device) -> float:
+    """Mean loss over the first `train.eval_batches` global batches of the valid split."""
+    for c in chunks:
+        c.eval()
+    losses = []
+    with torch.no_grad():
+        for b in range(cfg.train.eval_batches):
+            batches = list(
+                micro_batches(
+                    valid_ds,
+                    b * cfg.train.global_batch_size,
+                    cfg.train.global_batch_size,
+                    cfg.train.micro_batch_size,
+                    device,
+                )
+            )
+            losses.append(_global_loss(_run_batches(cfg, chunks, batches, num_micro, True), device))
+    for c in chunks:
+        c.train()
+    return sum(losses) / len(losses)
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the pretraining job described by `cfg` on this rank."""
+    t = cfg.train
+    if cfg.parallel.context > 1:
+        raise ConfigError(
+            "parallel.context > 1 is not supported for training yet (the local attention kernels "
+            "have no context-parallel path); use tensor/pipeline/data parallelism."
+        )
+    cfg.validate()
+    run_dir = cfg.resolved_run_dir
+    ckpt_root = run_dir / "checkpoints"
+    # Fail on a bad init checkpoint before any process group or data work.
+    init_info = None
+    if t.init_from and not (cfg.checkpoint.resume and find_latest_valid_quiet(ckpt_root)):
+        init_info = resolve_checkpoint(t.init_from, cfg.checkpoint.checksums)
+    device = distributed.initialize(cfg.parallel, seed=t.seed, device=t.device)
+    return _train(cfg, run_dir, ckpt_root, init_info, device)
+
+
+def _train(cfg, run_dir, ckpt_root, init_info, device) -> TrainResult:
+    t = cfg.train
+    num_micro = validate_batch_layout(cfg, dist.get_world_size())
+    _check_run_dir_config(cfg, run_dir)
+    bf16 = _precision(cfg, device)
+    datasets = build_train_valid(cfg, run_dir)
+    _write_run_config(cfg, run_dir)
+
+    chunks = build_model_chunks(cfg, device, bf16)
+    chunks = wrap_ddp(chunks, chunks[0].config, use_distributed_optimizer=cfg.optimizer.distributed)
+    optimizer = build_optimizer(cfg, chunks, bf16)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    progress = TrainingProgress()
+    resume = (
+        find_latest_valid(ckpt_root, cfg.checkpoint.checksums) if cfg.checkpoint.resume else None
+    )
+    if resume is not None:
+        progress = load_training_checkpoint(cfg, resume, chunks, optimizer, scheduler)
+        _log(
+            f"resumed from {resume.path} (step {progress.iteration}, "
+            f"{progress.consumed_samples} samples consumed)"
+        )
+    elif init_info is not None:
+        load_weights_only(init_info, chunks)
+        optimizer.reload_model_params()
+        _log(
+            f"initialised weights from {init_info.path} (step {init_info.iteration}); "
+            "optimizer, schedule and data start fresh"
+        )
+
+    result = TrainResult(
+        run_dir=run_dir, start_iteration=progress.iteration, iteration=progress.iteration
+    )
+    stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
+    log = _StepLogger(cfg, run_dir, device, bf16, progress.iteration)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    steps_this_run = 0
+    try:
+        while progress.iteration < t.steps:
+            step_start = time.perf_counter()
+            batches = list(
+                micro_batches(
+                    datasets.train,
+                    progress.consumed_samples,
+                    t.global_batch_size,
+                    t.micro_batch_size,
+                    device,
+                )
+            )
+            for c in chunks:
+                c.zero_grad_buffer()
+            optimizer.zero_grad()
+            local_loss = _run_batches(cfg, chunks, batches, num_micro, False)
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            progress.iteration += 1
+            progress.consumed_samples += t.global_batch_size
+            steps_this_run += 1
+            loss = _global_loss(local_loss, device)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {progress.iteration}; lower optimizer.lr or check "
+                    "the data. The last complete checkpoint is untouched."
+                )
+            checksum = _global_sum(batch_checksum(batches), device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result.losses[progress.iteration] = loss
+            log.step(
+                progress,
+                loss,
+                optimizer.param_groups[0]["lr"],
+                grad_norm,
+                time.perf_counter() - step_start,
+                tokens_per_step,
+                checksum,
+            )
+
+            last = progress.iteration == t.steps
+            if (t.eval_interval and progress.iteration % t.eval_interval == 0) or last:
+                vloss = evaluate(cfg, chunks, datasets.valid, num_micro, device)
+                result.valid_losses[progress.iteration] = vloss
+                log.valid(progress.iteration, vloss)
+            stopping = stop.agreed(device)
+            exit_now = t.exit_after_steps is not None and steps_this_run >= t.exit_after_steps
+            periodic = cfg.checkpoint.interval and progress.iteration % cfg.checkpoint.interval == 0
+            if periodic or last or stopping or exit_now:
+                result.last_checkpoint = save_training_checkpoint(
+                    cfg, ckpt_root, chunks, optimizer, scheduler, progress
+                )
+                _log(f"saved checkpoint {result.last_checkpoint}")
+            if stopping or exit_now:
+                result.stopped_by = stop.name if stopping else "exit_after_steps"
+                _log(
+                    f"stopping at step {progress.iteration} ({result.stopped_by}); run the same "
+                    "command again to resume"
+                )
+                break
+    finally:
+        stop.restore()
+        log.close()
+    result.iteration = progress.iteration
+    return result
+
+
+class _StepLogger:
+    """Per-step console line + metrics rows (rank 0)."""
+
+    def __init__(self, cfg, run_dir, device, bf16, start_step) -> None:
+        from hybrid_megatron.training.flops import model_flops_per_sequence, peak_flops_per_device
+        from hybrid_megatron.training.metrics import MetricsWriter
+        from hybrid_megatron.training.progress import ThroughputMeter
+
+        self.cfg = cfg
+        self.rank0 = dist.get_rank() == 0
+        self.writer = MetricsWriter(run_dir, enabled=self.rank0)
+        if self.rank0:
+            self.writer.truncate_after(start_step)
+        self.meter = ThroughputMeter()
+        self.flops_per_step = (
+            model_flops_per_sequence(cfg, cfg.model.seq_length, training=True)
+            * cfg.train.global_batch_size
+        )
+        self.peak = peak_flops_per_device(device, torch.bfloat16 if bf16 else torch.float32)
+        self.world = dist.get_world_size()
+        self.device = device
+        self.start = time.perf_counter()
+
+    def step(self, progress, loss, lr, grad_norm, seconds, tokens, checksum) -> None:
+        from hybrid_megatron.training.flops import mfu
+        from hybrid_megatron.training.metrics import memory_gb
+
+        self.meter.update(tokens, seconds)
+        tok_s = self.meter.tokens_per_s or tokens / seconds
+        flops_per_device = self.flops_per_step / max(seconds, 1e-9) / self.world
+        if self.meter.tokens_per_s:
+            flops_per_device = self.flops_per_step * tok_s / tokens / self.world
+        row = dict(
+            consumed_samples=progress.consumed_samples,
+            tokens=progress.consumed_samples * self.cfg.model.seq_length,
+            loss=loss,
+            lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens_per_s=tok_s,
+            tflops_per_device=flops_per_device / 1e12,
+            mfu=mfu(flops_per_device, self.peak),
+            mem_gb=memory_gb(self.device),
+            elapsed_s=time.perf_counter() - self.start,
+            step_s=seconds,
+            data_checksum=checksum,
+        )
+        self.writer.log_train(progress.iteration, **row)
+        t = self.cfg.train
+        if self.rank0 and (
+            progress.iteration % t.log_interval == 0 or progress.iteration == t.steps
+        ):
+            from hybrid_megatron.training.progress import eta, format_step_line
+
+            print(
+                format_step_line(
+                    step=progress.iteration,
+                    total_steps=t.steps,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=row["grad_norm"],
+                    tokens_per_s=tok_s,
+                    tflops_per_device=row["tflops_per_device"],
+                    mfu=row["mfu"],
+                    mem_gb=row["mem_gb"],
+                    eta_s=eta(progress.iteration, t.steps, self.meter.seconds_per_step or seconds),
+                ),
+                flush=True,
+            )
+
+    def valid(self, step, loss) -> None:
+        self.writer.log_valid(step, loss)
+        _log(f"validation at step {step}: loss {loss:.4f} ppl {math.exp(min(loss, 700)):.2f}")
+
+    def close(self) -> None:
+        self.writer.close()
