@@ -189,8 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party_warnings() -> None:
+    """Hide known, harmless warnings from Megatron-Core and torch.distributed internals."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\.core(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", message=r".*grad attribute of a Tensor that is not a leaf.*")
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|transformer_engine).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party_warnings()
     try:
         return args.func(args)
     except ConfigError as e:

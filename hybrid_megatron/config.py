@@ -345,9 +345,10 @@ def validate_training(cfg: RunConfig) -> None:
         raise ConfigError(
             f"optimizer.lr={o.lr} and optimizer.min_lr={o.min_lr} need 0 <= min_lr <= lr, lr > 0."
         )
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+    if o.warmup_steps < 0 or (o.warmup_steps and o.warmup_steps >= t.steps):
         raise ConfigError(
-            f"optimizer.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]."
+            f"optimizer.warmup_steps={o.warmup_steps} must be 0 or less than "
+            f"train.steps={t.steps}."
         )
     if o.schedule == "wsd":
         decay = o.wsd_decay_steps if o.wsd_decay_steps is not None else max(1, t.steps // 5)

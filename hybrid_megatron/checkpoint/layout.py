@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,14 @@ class CheckpointError(ConfigError):
 class CheckpointInfo:
     iteration: int
     path: Path
+
+
+def warn(message: str) -> None:
+    """A user-facing warning on stderr (once per job: rank 0 only)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"hybrid-megatron: warning: {message}", file=sys.stderr, flush=True)
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -121,17 +129,19 @@ def complete_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
     return [c for c in list_checkpoint_dirs(ckpt_root) if (c.path / COMPLETE_MARKER).is_file()]
 
 
-def find_latest_valid(ckpt_root: Path, verify_checksums: bool = True) -> CheckpointInfo | None:
+def find_latest_valid(
+    ckpt_root: Path, verify_checksums: bool = True, quiet: bool = False
+) -> CheckpointInfo | None:
     """Newest complete and intact checkpoint; warns, naming each newer one it skips."""
     for info in reversed(list_checkpoint_dirs(ckpt_root)):
         problem = checkpoint_problem(info.path, verify_checksums)
         if problem is None:
             return info
-        warnings.warn(
-            f"Skipping checkpoint {info.path}: {problem}. It will not be loaded; delete it "
-            "when you no longer need it for inspection.",
-            stacklevel=2,
-        )
+        if not quiet:
+            warn(
+                f"Skipping checkpoint {info.path}: {problem}. It will not be loaded; delete it "
+                "when you no longer need it for inspection."
+            )
     return None
 
 

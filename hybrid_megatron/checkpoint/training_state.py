@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from hybrid_megatron.checkpoint.layout import (
     complete_checkpoints,
     iter_dir_name,
     read_marker,
+    warn,
     write_complete_marker,
 )
 from hybrid_megatron.checkpoint.model_state import model_sharded_state_dict, unwrap
@@ -114,12 +114,10 @@ def _state_dict(
     model_sd = model_sharded_state_dict(chunks)
     sd: dict = dict(model_sd)
     if include_optimizer:
-        # Megatron's optimizer expects one flat model sharded state dict.
-        flat = {}
-        for part in model_sd.values():
-            flat.update(part)
         sd["optimizer"] = optimizer.sharded_state_dict(
-            flat, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format}
+            model_sd,  # nested per chunk: Megatron maps params through all its values
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_format},
         )
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if progress is not None:
@@ -154,9 +152,7 @@ def save_training_checkpoint(
                     f"Refusing to overwrite the complete checkpoint {ckpt_dir}. Resume from it or "
                     "use another run directory."
                 )
-            warnings.warn(
-                f"Removing partial checkpoint {ckpt_dir} (left by an earlier crash).", stacklevel=2
-            )
+            warn(f"Removing partial checkpoint {ckpt_dir} (left by an earlier crash).")
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir()
     _barrier()
@@ -194,6 +190,9 @@ def save_training_checkpoint(
 def _maybe_inject_fault(iteration: int) -> None:
     fault = os.environ.get(FAULT_ENV, "")
     if fault.startswith("kill_during_save:") and int(fault.split(":")[1]) == iteration:
+        # Like a node dying: take checkpoint writer helper processes down too.
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -17,6 +17,25 @@ from hybrid_megatron.model.transformer_config import (
 from hybrid_megatron.pattern import CompiledPattern, compile_pattern
 
 
+class HybridModel(MambaModel):
+    """Megatron's MambaModel that knows its virtual pipeline stage.
+
+    MambaModel (megatron-core 0.16) leaves `vp_stage` None, so with interleaved pipelining
+    the tied embedding / output weight would not be recognised as first / last stage (wrong
+    initial sync, gradient all-reduce and checkpoint keys). The stage is set before Megatron
+    wires up the shared weights.
+    """
+
+    def __init__(self, *args, vp_stage: int | None = None, **kwargs) -> None:
+        object.__setattr__(self, "_hybrid_vp_stage", vp_stage)
+        super().__init__(*args, **kwargs)
+        self.vp_stage = vp_stage
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        self.vp_stage = self._hybrid_vp_stage
+        super().setup_embeddings_and_output_layer()
+
+
 def build_model(
     cfg: RunConfig,
     *,
@@ -35,6 +54,11 @@ def build_model(
     tconfig = tconfig or build_transformer_config(
         cfg, compiled, params_dtype=params_dtype, use_cpu_initialization=device.type == "cpu"
     )
+    if device.type == "cpu":
+        # gloo runs a batch of isend/irecv one by one; in the interleaved schedule the
+        # activations and gradients crossing between the same two ranks then pair with the
+        # wrong receives (same shapes, silently wrong numbers). Unbatched p2p orders them.
+        tconfig.batch_p2p_comm = False
     linear_backend = select_linear_backend(cfg.model.attention_backend, device.type == "cuda")
     if cfg.model.num_moe_experts and linear_backend == "local":
         raise BackendUnavailableError(
@@ -48,7 +72,8 @@ def build_model(
         params={"compiled": compiled, "vp_stage": vp_stage},
     )
     uses_rope = any(p.rope for p in compiled.layers if p.kind.is_attention)
-    model = MambaModel(
+    model = HybridModel(
+        vp_stage=vp_stage,
         config=tconfig,
         mamba_stack_spec=spec,
         vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor),

@@ -13,7 +13,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -134,7 +133,7 @@ def hybrid_stack_spec(linear_backend: str, num_moe_experts: int | None = None) -
                 ),
             ),
             mlp_layer=ModuleSpec(
-                module=MLPLayer,
+                module=TransformerLayer,  # MLP-only (Megatron's MLPLayer lacks vp_stage)
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=norm,
                     mlp=ModuleSpec(

@@ -84,6 +84,7 @@ class HybridStack(MambaStack):
                     config=config,
                     layer_number=plan.number - te_offset,
                     pg_collection=pg_collection,
+                    vp_stage=vp_stage,
                 )
             if layer.layer_number != plan.number:
                 raise RuntimeError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +128,7 @@ def _check_run_dir_config(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def find_latest_valid_quiet(ckpt_root: Path) -> list[CheckpointInfo]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = find_latest_valid(ckpt_root, verify_checksums=False)
+    info = find_latest_valid(ckpt_root, verify_checksums=False, quiet=True)
     return [info] if info else []
 
 
@@ -398,3 +395,15 @@ class _StepLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def validation_loss(cfg: RunConfig, checkpoint: str | Path) -> float:
+    """Validation loss of a checkpoint's weights under `cfg`'s parallel layout (collective)."""
+    info = resolve_checkpoint(checkpoint, cfg.checkpoint.checksums)
+    device = distributed.initialize(cfg.parallel, seed=cfg.train.seed, device=cfg.train.device)
+    num_micro = validate_batch_layout(cfg, dist.get_world_size())
+    bf16 = _precision(cfg, device)
+    datasets = build_train_valid(cfg, cfg.resolved_run_dir)
+    chunks = build_model_chunks(cfg, device, bf16)
+    load_weights_only(info, chunks)
+    return evaluate(cfg, chunks, datasets.valid, num_micro, device)

@@ -1,0 +1,311 @@
+"""Pretraining loop: learning, exact kill-and-resume, resharding, retention, input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+# A faster variant of the tiny run: shorter sequences, small batches, a small corpus.
+SMALL = [
+    "train.steps=12",
+    "optimizer.warmup_steps=2",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "model.seq_length=128",
+    "data.synthetic.num_docs=300",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "checkpoint.interval=4",
+    "checkpoint.keep_last=null",
+    "train.log_interval=1",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYBRID_MEGATRON_FAULT", None)
+    return env
+
+
+def _cli(run_dir: Path, *extra: str, env: dict | None = None) -> list[str]:
+    args = [sys.executable, "-m", "hybrid_megatron.cli", "train", TINY, "--run-dir", str(run_dir)]
+    for item in [*SMALL, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def _run(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # Own session: a fault-injected SIGKILL takes the whole process group down (as a dying
+    # node would), including checkpoint-writer helper processes.
+    return subprocess.run(
+        _cli(run_dir, *extra),
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+
+
+def _rows(run_dir: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def _trajectory(run_dir: Path) -> list[tuple]:
+    """(step, loss, consumed samples, data checksum) per step: what must match exactly."""
+    return [
+        (r["step"], r["loss"], r["consumed_samples"], r["data_checksum"])
+        for r in _rows(run_dir, "train")
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the SMALL config."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, want = _trajectory(run_dir), _trajectory(reference)
+    assert [r[0] for r in got] == list(range(1, 13)), "every step logged exactly once"
+    assert [r[2] for r in got] == [4 * s for s in range(1, 13)], "no sample skipped or repeated"
+    assert got == want  # bit-identical losses and identical data per step
+    assert [(r["step"], r["loss"]) for r in _rows(run_dir, "valid")] == [
+        (r["step"], r["loss"]) for r in _rows(reference, "valid")
+    ]
+
+
+def test_sigterm_mid_run_then_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(run_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.is_file() and len(_rows(run_dir, "train")) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = len(_rows(run_dir, "train"))
+    assert 2 <= stopped < 12, "the signal must arrive mid-run"
+    assert "stopped at step" in out and "SIGTERM" in out
+    assert (run_dir / "checkpoints" / f"iter_{stopped:07d}" / "hm_complete.json").is_file()
+
+    resumed = _run(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{stopped:07d}'}" in resumed.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_sigkill_during_checkpoint_save_then_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(_env(), HYBRID_MEGATRON_FAULT="kill_during_save:8")
+    killed = _run(run_dir, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    partial = run_dir / "checkpoints" / "iter_0000008"
+    assert partial.is_dir() and not (partial / "hm_complete.json").exists()
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "4\n"
+
+    resumed = _run(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Skipping checkpoint {partial}" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "iter_0000004" in resumed.stdout
+    _assert_same_run(run_dir, reference)
+    assert (partial / "hm_complete.json").is_file(), "iteration 8 was saved again, completely"
+
+
+def test_retention_keeps_last_n_complete_checkpoints(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, "checkpoint.interval=2", "checkpoint.keep_last=2", "train.steps=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
+
+
+def test_tiny_run_learns_and_validation_tracks(tmp_path):
+    """The README's tiny config (shortened): loss falls well below its start."""
+    run_dir = tmp_path / "tiny"
+    args = [sys.executable, "-m", "hybrid_megatron.cli", "train", TINY, "--run-dir", str(run_dir)]
+    args += ["--set", "train.steps=60", "--set", "optimizer.warmup_steps=10"]
+    args += ["--set", "data.synthetic.num_docs=3000", "--set", "checkpoint.interval=0"]
+    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r["loss"] for r in _rows(run_dir, "train")]
+    valid = {r["step"]: r["loss"] for r in _rows(run_dir, "valid")}
+    assert len(train) == 60 and set(valid) == {50, 60}
+    assert train[0] > 5.0  # ~ln(vocab) at init
+    final = sum(train[-5:]) / 5
+    assert final < 0.45 * train[0], (train[0], final)
+    assert abs(valid[60] - final) < 0.3, (valid[60], final)
+    assert (run_dir / "tensorboard").is_dir()
+    assert "tok/s" in proc.stdout and "ETA" in proc.stdout
+
+
+# --------------------------------------------------------------------------- resharding
+
+
+def _config(run_dir: Path, tp: int, pp: int, extra: tuple[str, ...] = ()):
+    from hybrid_megatron.config import load_config
+
+    return load_config(
+        TINY,
+        [
+            *SMALL,
+            "train.steps=4",
+            f"run_dir={run_dir}",
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            *extra,
+        ],
+    )
+
+
+def _train_rank(run_dir: str, tp: int, pp: int, extra: tuple[str, ...] = ()):
+    from hybrid_megatron.training.trainer import train
+
+    result = train(_config(Path(run_dir), tp, pp, extra))
+    return result.valid_losses, result.losses
+
+
+def _validation_rank(run_dir: str, ckpt: str, tp: int, pp: int) -> float:
+    from hybrid_megatron.training.trainer import validation_loss
+
+    return validation_loss(_config(Path(run_dir), tp, pp), ckpt)
+
+
+def test_save_tp2_load_tp1_and_pp2_same_validation_loss(tmp_path):
+    saved = tmp_path / "tp2"
+    (valid, _), _ = run_distributed(_train_rank, 2, str(saved), 2, 1)
+    ckpt = saved / "checkpoints" / "iter_0000004"
+    assert json.loads((ckpt / "hm_complete.json").read_text())["layout"]["tensor"] == 2
+    (tp1,) = run_distributed(_validation_rank, 1, str(tmp_path / "v1"), str(ckpt), 1, 1)
+    pp2 = run_distributed(_validation_rank, 2, str(tmp_path / "v2"), str(ckpt), 1, 2)
+    assert tp1 == pytest.approx(valid[4], rel=1e-5, abs=1e-6)
+    assert pp2[0] == pytest.approx(valid[4], rel=1e-5, abs=1e-6) and pp2[0] == pp2[1]
+
+
+def test_resume_under_new_layout_restores_optimizer(tmp_path):
+    """A TP=2 checkpoint resumes at PP=2 with its optimizer state: the next steps' losses
+    match an uninterrupted TP=2 run (up to fp32 reduction order)."""
+    straight = tmp_path / "straight"
+    _, ref_losses = run_distributed(_train_rank, 2, str(straight), 2, 1, ("train.steps=6",))[0]
+    split = tmp_path / "split"
+    run_distributed(_train_rank, 2, str(split), 2, 1, ("train.steps=6", "train.exit_after_steps=3"))
+    _, resumed = run_distributed(_train_rank, 2, str(split), 1, 2, ("train.steps=6",))[0]
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(ref_losses[step], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_missing_data_prefix_fails_before_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, f"data.prefixes=[{tmp_path / 'nope'}]")
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and "preprocess" in proc.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_vocab_mismatch_fails_before_training(tmp_path):
+    proc = _run(tmp_path / "run", "model.vocab_size=200")
+    assert proc.returncode == 2
+    assert "vocab" in proc.stderr and "258" in proc.stderr
+
+
+def test_bad_batch_layout_and_bf16_on_cpu(tmp_path):
+    proc = _run(tmp_path / "a", "train.global_batch_size=5")
+    assert proc.returncode == 2 and "micro_batch_size" in proc.stderr
+    proc = _run(tmp_path / "b", "train.precision=bf16")
+    assert proc.returncode == 2 and "bf16 needs a CUDA device" in proc.stderr
+
+
+def test_init_from_missing_or_partial_checkpoint(tmp_path):
+    proc = _run(tmp_path / "a", f"train.init_from={tmp_path / 'missing'}")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    partial = tmp_path / "old" / "checkpoints" / "iter_0000010"
+    partial.mkdir(parents=True)
+    (partial / "common.pt").write_bytes(b"x")
+    proc = _run(tmp_path / "b", f"train.init_from={partial}")
+    assert proc.returncode == 2 and "partial checkpoint" in proc.stderr
+
+
+def test_resume_refuses_a_different_model(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    proc = _run(run_dir, "model.hidden_size=64")
+    assert proc.returncode == 2
+    assert "model.hidden_size" in proc.stderr and "init_from" in proc.stderr
+
+
+def test_long_context_extension_loads_weights_only(reference, tmp_path):
+    """Continue from a checkpoint at 2x the sequence length with a new RoPE base."""
+    run_dir = tmp_path / "extend"
+    proc = _run(
+        run_dir,
+        f"train.init_from={reference}",
+        "model.seq_length=256",
+        "model.swa.rope_theta=100000",
+        "train.steps=2",
+        "optimizer.warmup_steps=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialised weights from" in proc.stdout and "iter_0000012" in proc.stdout
+    rows = _rows(run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["consumed_samples"] == 4
+    # Trained weights: far below the loss of a fresh model (~ln 258 = 5.55).
+    assert rows[0]["loss"] < _rows(reference, "train")[0]["loss"] - 1.0
+
+
+def _first_step_rank(run_dir: str, init: str, tp: int, pp: int, vpp: int | None):
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.training.trainer import train
+
+    extra = [f"parallel.virtual_pipeline={vpp}"] if vpp else []
+    cfg = load_config(
+        TINY,
+        [
+            *SMALL,
+            "train.steps=1",
+            "optimizer.warmup_steps=0",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            f"train.init_from={init}",
+            f"run_dir={run_dir}",
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            *extra,
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows[0]["loss"], rows[0]["grad_norm"]
+
+
+def test_interleaved_pipeline_matches_single_process(reference, tmp_path):
+    """PP=2 with 2 virtual stages per rank (interleaved 1F1B) reproduces PP=1's first step."""
+    (want,) = run_distributed(_first_step_rank, 1, str(tmp_path / "a"), str(reference), 1, 1, None)
+    got = run_distributed(_first_step_rank, 2, str(tmp_path / "b"), str(reference), 1, 2, 2)[0]
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    assert got[1] == pytest.approx(want[1], rel=1e-4)
