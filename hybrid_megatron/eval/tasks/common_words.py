@@ -3,8 +3,9 @@
 `num_cw` common words appear `freq_cw` times each and every other word `freq_ucw` times, all
 shuffled into "1. word 2. word ..."; the haystack size is the number of distinct words. Below
 a 4096-token target RULER uses 6/1 repeats and a smaller solved example ("short" variant), and
-so does this; it also falls back to the short variant when the long one cannot fit the target
-at all (e.g. 4K bytes with the byte tokenizer, where RULER would fail), unless `short` is set.
+so does this. It also takes the short variant when the long one's smallest prompt (example
+plus 10 x 30 common words) would fill more than `LONG_MAX_FILL` of the target (e.g. 4K bytes
+with the byte tokenizer, where RULER would fail), unless `short` is set explicitly.
 Words come from the shipped list, then distinct adjective-noun compounds once it runs out.
 """
 
@@ -25,6 +26,7 @@ TEMPLATE = (
 ANSWER_PREFIX = " Answer: The top 10 words that appear most often in the list are:"
 MAX_NEW_TOKENS = 120
 SHORT_TARGET = 4096
+LONG_MAX_FILL = 0.8
 
 
 def numbered(words: list[str]) -> str:
@@ -72,7 +74,8 @@ class CommonWordsTask(Task):
         if self.short is None and not self._short:
             probe = self.draw(random.Random(f"{seed}/{self.name}/variant"), -1, target_length)
             r = self.render(probe, self.min_size(probe))
-            if count_tokens(r.input + r.answer_prefix) + self.max_new_tokens > target_length:
+            min_length = count_tokens(r.input + r.answer_prefix) + self.max_new_tokens
+            if min_length > LONG_MAX_FILL * target_length:
                 self._short = True
 
     def _example(self, rng: random.Random, words: list[str], cw: int, ucw: int) -> tuple[str, list]:

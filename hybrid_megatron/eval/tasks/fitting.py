@@ -38,13 +38,16 @@ def fit_size(
     guess: int | None = None,
     slope: float | None = None,
     max_size: int | None = None,
+    tolerance: float | None = None,
     max_evals: int = 60,
 ) -> Fit:
     """Largest `size` in [min_size, max_size] with `length_of(size) <= budget`.
 
     `length_of` should be (close to) non-decreasing in size. `guess` and `slope` (tokens per
-    unit) seed the search, typically from the previous sample. Raises `DoesNotFit` when
-    `min_size` is already over budget.
+    unit) seed the search. With `tolerance=None` the search only stops at a proven maximum
+    (`size + 1` is over budget); with a number it also stops once a fitting size leaves less
+    than max(tolerance, tokens per unit) unused, saving the confirming tokenization. Raises
+    `DoesNotFit` when `min_size` is already over budget.
     """
     cache: dict[int, int] = {}
 
@@ -53,35 +56,48 @@ def fit_size(
             cache[s] = length_of(s)
         return cache[s]
 
-    if f(min_size) > budget:
-        raise DoesNotFit(cache[min_size])
+    base = f(min_size)
+    if base > budget:
+        raise DoesNotFit(base)
     lo, hi = min_size, (max_size + 1 if max_size is not None else None)
     if slope is None or slope <= 0:
         slope = _probe_slope(f, budget, min_size, hi)
         lo = max((s for s, n in cache.items() if n <= budget), default=min_size)
-        his = [s for s, n in cache.items() if n > budget]
-        if his:
-            hi = min(his) if hi is None else min(hi, min(his))
+        over = [s for s, n in cache.items() if n > budget]
+        if over:
+            hi = min(over) if hi is None else min(hi, *over)
+
+    def unit_tokens() -> float:
+        """Average tokens per unit over the fitting range (robust to local wobble)."""
+        return max((f(lo) - base) / (lo - min_size), 1e-9) if lo > min_size else slope
+
+    def predict() -> int:
+        local = unit_tokens()
+        if hi is not None and hi - lo > 1 and f(hi) > f(lo):
+            local = (f(hi) - f(lo)) / (hi - lo)  # secant across the bracket
+        return lo + math.floor((budget - f(lo)) / local)
+
+    nxt = guess if guess is not None else predict()
     step = 0
-    nxt = guess if guess is not None else lo + math.floor((budget - f(lo)) / slope)
     while (hi is None or hi - lo > 1) and len(cache) < max_evals:
+        if (
+            tolerance is not None
+            and lo > min_size
+            and budget - f(lo) < max(tolerance, unit_tokens())
+        ):
+            break
         step += 1
         nxt = max(nxt, lo + 1)
         if hi is not None:
             nxt = min(nxt, hi - 1)
-            if step % 4 == 0:  # safeguard against slow secant convergence
+            if step % 3 == 0:  # safeguard against slow secant convergence
                 nxt = (lo + hi) // 2
-        prev_lo = lo
         if f(nxt) <= budget:
             lo = nxt
         else:
             hi = nxt
-        if hi is not None and hi - lo > 1:
-            slope = max((f(hi) - f(lo)) / (hi - lo), 1e-6)
-        elif hi is None and lo > prev_lo:
-            slope = max((f(lo) - f(prev_lo)) / (lo - prev_lo), 1e-6)
-        nxt = lo + math.floor((budget - f(lo)) / slope)
-    return Fit(size=lo, length=f(lo), slope=slope, evals=len(cache))
+        nxt = predict()
+    return Fit(size=lo, length=f(lo), slope=unit_tokens(), evals=len(cache))
 
 
 def _probe_slope(f: Callable[[int], int], budget: int, min_size: int, hi: int | None) -> float:
