@@ -86,8 +86,8 @@ class _LayerState:
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError(
-            "HybridMegatronCache cannot drop tokens (Mamba and sliding-window states do not keep "
-            "the past); use plain greedy/sampling/beam search, not assisted or contrastive decoding."
+            "HybridMegatronCache cannot drop tokens (Mamba and sliding-window states do not "
+            "keep the past); use greedy/sampling/beam search, not assisted or contrastive decoding."
         )
 
     def offload(self) -> None:  # states stay where the model is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -84,11 +85,28 @@ def _stored_run_config(config: HybridMegatronConfig) -> RunConfig:
     except ConfigError:  # written by another version: keep what this version understands
         cfg = RunConfig()
         for section, cls in (("model", ModelConfig), ("parallel", ParallelConfig)):
-            try:
+            with contextlib.suppress(ConfigError):
                 setattr(cfg, section, from_dict(cls, stored.get(section) or {}))
-            except ConfigError:
-                pass
         return cfg
+
+
+def _keep_implicit(m: ModelConfig, old: ModelConfig) -> ModelConfig:
+    """Leave sizes the source config derived (None) unset where they still derive the same."""
+    derived = {
+        "kv_channels": lambda c: c.head_dim,
+        "ffn_hidden_size": lambda c: c.ffn_size,
+        "num_query_groups": lambda c: c.query_groups,
+    }
+    for name, value_of in derived.items():
+        if getattr(old, name) is None:
+            candidate = dataclasses.replace(m, **{name: None})
+            if value_of(candidate) == value_of(m):
+                m = candidate
+    if old.mamba.num_heads is None:
+        candidate = dataclasses.replace(m, mamba=dataclasses.replace(m.mamba, num_heads=None))
+        if candidate.mamba_num_heads == m.mamba_num_heads:
+            m = candidate
+    return m
 
 
 def run_config_from_hf_config(config: HybridMegatronConfig) -> RunConfig:
@@ -150,6 +168,7 @@ def run_config_from_hf_config(config: HybridMegatronConfig) -> RunConfig:
         mamba_backend=config.mamba_backend,
         num_moe_experts=None,
     )
+    cfg.model = _keep_implicit(cfg.model, old)
     if abs(config.mamba_rms_norm_eps - 1e-5) > 1e-12 and MAMBA in config.layer_types:
         raise ConfigError(
             f"HF config has mamba_rms_norm_eps={config.mamba_rms_norm_eps}; the Megatron Mamba "

@@ -6,7 +6,7 @@ One entry of `layer_types` per layer, mirroring the layer pattern symbols of hyb
 
     "mamba"              M   Mamba-2 mixer
     "full_attention"     *   causal attention over the whole prefix
-    "sliding_attention"  S   causal attention over the last `sliding_window` tokens (itself included)
+    "sliding_attention"  S   causal attention over the last `sliding_window` tokens (incl. itself)
     "mlp"                -   MLP (SwiGLU or GELU)
 
 Each attention type has its own RoPE switch and theta (`full_attention_use_rope`,
@@ -126,8 +126,24 @@ class HybridMegatronConfig(PretrainedConfig):
         # and checks `layer_types` against its own vocabulary there (it has no "mlp").
         types = layer_types or [MAMBA, MLP, SLIDING_ATTENTION, MLP, FULL_ATTENTION, MLP]
         self.layer_types = normalize_layer_types(list(types))
-        self.num_hidden_layers = len(self.layer_types)
         self._check()
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of layers, derived from `layer_types`.
+
+        Not stored in config.json: transformers >= 5 checks `layer_types` against its own
+        vocabulary whenever a config has `num_hidden_layers`, also in the generic config it
+        falls back to (e.g. `AutoTokenizer.from_pretrained(dir)` without trust_remote_code).
+        """
+        return len(getattr(self, "layer_types", None) or ())
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int) -> None:
+        if getattr(self, "layer_types", None) and value != len(self.layer_types):
+            raise ValueError(
+                f"num_hidden_layers={value} but layer_types lists {len(self.layer_types)} layers."
+            )
 
     @property
     def d_inner(self) -> int:

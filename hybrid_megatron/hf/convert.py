@@ -102,17 +102,12 @@ def _tokenizer_dir(cfg: RunConfig, tokenizer: str | os.PathLike | bool | None) -
     return path
 
 
-def _special_token_ids(
+def _write_tokenizer(
     cfg: RunConfig, tokenizer_dir: Path | None, out_dir: Path, vocab_rows: int
 ) -> dict[str, int]:
-    """bos/eos/pad ids: from the HF tokenizer written to `out_dir`, or the byte tokenizer's."""
-    ids = _tokenizer_special_ids(cfg, tokenizer_dir, out_dir)
-    return {k: v for k, v in ids.items() if 0 <= v < vocab_rows}
-
-
-def _tokenizer_special_ids(
-    cfg: RunConfig, tokenizer_dir: Path | None, out_dir: Path
-) -> dict[str, int]:
+    """Save the HF tokenizer (if any) into `out_dir`; return the special token ids
+    (bos/eos/pad; the byte tokenizer's eod/pad) that exist in the embedding."""
+    ids: dict[str, int | None] = {}
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
@@ -120,12 +115,11 @@ def _tokenizer_special_ids(
         tok.save_pretrained(out_dir)
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
         ids["pad_token_id"] = tok.pad_token_id
-        return {k: v for k, v in ids.items() if v is not None}
-    if getattr(getattr(cfg, "data", None), "tokenizer", "byte") == "byte":
+    elif getattr(getattr(cfg, "data", None), "tokenizer", "byte") == "byte":
         from hybrid_megatron.data.tokenizer import ByteTokenizer
 
-        return {"eos_token_id": ByteTokenizer.EOD, "pad_token_id": ByteTokenizer.PAD}
-    return {}
+        ids = {"eos_token_id": ByteTokenizer.EOD, "pad_token_id": ByteTokenizer.PAD}
+    return {k: v for k, v in ids.items() if v is not None and 0 <= v < vocab_rows}
 
 
 # ----------------------------------------------------------------------------- verification
@@ -236,7 +230,7 @@ def megatron_to_hf(
             "dtype": str(torch_dtype).removeprefix("torch."),
         }
         with staged_output(output, overwrite) as tmp:
-            special = _special_token_ids(cfg, tok_dir, tmp, padded)
+            special = _write_tokenizer(cfg, tok_dir, tmp, padded)
             _save_hf(hf_config, state, tmp, torch_dtype, max_shard_size, special)
             del state
             if verify:

@@ -47,11 +47,13 @@ def single_process_megatron() -> Iterator[None]:
 def single_layout_config(cfg: RunConfig) -> RunConfig:
     """`cfg` at TP=1/PP=1, keeping the vocabulary padding of its own tensor-parallel size."""
     m = cfg.model
+    pattern = "".join(m.pattern.split()).replace("|", "")
     model = dataclasses.replace(
         m,
-        pattern="".join(m.pattern.split()).replace("|", ""),
+        pattern=pattern,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by * cfg.parallel.tensor,
         attention_backend="auto" if m.attention_backend == "te" else m.attention_backend,
+        num_moe_experts=m.num_moe_experts if "E" in pattern else None,
     )
     return dataclasses.replace(cfg, model=model, parallel=ParallelConfig())
 

@@ -1,0 +1,394 @@
+"""Megatron <-> HF conversion: a TP=2 checkpoint -> HF -> Megatron is bit-exact on every
+tensor (compared after loading both at TP=1); HF logits match the TP=2 Megatron model; the
+converted directory loads with trust_remote_code where hybrid_megatron is not importable;
+refusals leave existing outputs alone.
+
+Megatron runs in spawned gloo processes (it patches torch for CPU); this process only loads
+the HF model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.dist_utils import run_distributed
+
+MODEL = dict(
+    # Mamba-2 (2 groups, split by TP), RoPE SWA right after the stage boundary, NoPE full
+    # attention, GQA, SwiGLU, tied embeddings; the byte tokenizer's 258 tokens, padded to 512.
+    pattern="M-S*-|S-M*-",
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=258,
+    seq_length=48,
+    full_attention={"rope": False},
+    swa={"window": 8, "rope": True, "rope_theta": 10000.0},
+    mamba={"state_dim": 8, "head_dim": 16, "num_groups": 2, "expand": 2, "chunk_size": 8},
+    tie_embeddings=True,
+)
+ITERATION, PARTIAL_ITERATION = 5, 9
+
+
+def _config(tp: int = 1, pp: int = 1, tokenizer: str = "byte", **model):
+    from hybrid_megatron.config import RunConfig, from_dict
+
+    data = {"model": {**MODEL, **model}, "parallel": {"tensor": tp, "pipeline": pp}}
+    data["data"] = {"tokenizer": tokenizer}
+    cfg = from_dict(RunConfig, data)
+    if pp == 1:
+        cfg.model = dataclasses.replace(cfg.model, pattern=cfg.model.pattern.replace("|", ""))
+    cfg.validate()
+    return cfg
+
+
+def _tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, MODEL["vocab_size"], (2, MODEL["seq_length"]), generator=g)
+
+
+# ------------------------------------------------------------------ workers (spawned ranks)
+
+
+def _save_tp2_checkpoint(run_dir: str, tokenizer: str):
+    """TP=2: perturb every weight, save a training-style checkpoint, return full logits."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from hybrid_megatron import distributed
+    from hybrid_megatron.hf.megatron_io import save_weights_checkpoint
+    from hybrid_megatron.model.build import build_model
+
+    cfg = _config(tp=2, tokenizer=tokenizer)
+    distributed.initialize(cfg.parallel, seed=1234)
+    model = build_model(cfg).eval()
+    rank = ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():  # no constant tensors (all-ones norms...): a wrong mapping shows
+        for i, p in enumerate(model.parameters()):
+            sharded = getattr(p, "tensor_model_parallel", False)  # else replicated: same noise
+            g = torch.Generator().manual_seed(1000 * i + (rank if sharded else 0))
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_weights_checkpoint([model], cfg, Path(run_dir), ITERATION)
+    tokens = _tokens()
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(tokens.shape[1]).expand(2, -1), None)
+        logits = gather_from_tensor_model_parallel_region(logits.transpose(0, 1)).transpose(0, 1)
+    if ps.get_tensor_model_parallel_rank() == 0:
+        partial = Path(run_dir) / "checkpoints" / f"iter_{PARTIAL_ITERATION:07d}"
+        partial.mkdir()
+        (partial / "__0_0.distcp").write_bytes(b"interrupted save")
+    return logits[..., : MODEL["vocab_size"]].clone()
+
+
+def _flat_weights(cfg, ckpt: Path) -> dict[str, torch.Tensor]:
+    from hybrid_megatron.hf import megatron_io
+
+    model = megatron_io.build_single_model(cfg)
+    megatron_io.load_weights(model, ckpt)
+    return {k: v.clone() for k, v in megatron_io.float_state(model).items()}
+
+
+def _convert_round_trip(root: str):
+    """Megatron -> HF -> Megatron in one process, plus CLI verify and a broken mapping."""
+    import contextlib
+    import io
+    import warnings
+
+    from hybrid_megatron.hf import hf_to_megatron, megatron_io, megatron_to_hf
+    from hybrid_megatron.hf import weight_mapping as wm
+    from hybrid_megatron.hf.cli import add_convert_subcommands
+    from hybrid_megatron.hf.convert import ConversionError
+
+    root = Path(root)
+    out: dict = {}
+    stderr = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
+        warnings.simplefilter("always")
+        out["to_hf"] = megatron_to_hf(
+            root / "run", root / "hf", dtype="fp32", max_shard_size="40KB"
+        )
+    out["warnings"] = [str(w.message) for w in caught] + [stderr.getvalue()]
+    out["from_hf"] = hf_to_megatron(root / "hf", root / "back")
+
+    # A model made in HF (no Megatron provenance): untied head, GELU MLP.
+    from tests.test_hf_model import tiny_model
+
+    tiny_model(tie_word_embeddings=False, hidden_act="gelu", mlp_gated=False).save_pretrained(
+        root / "native"
+    )
+    out["native"] = hf_to_megatron(root / "native", root / "native_megatron")
+    with megatron_io.single_process_megatron():
+        cfg = _config(tp=2)
+        original = _flat_weights(cfg, Path(out["to_hf"]["checkpoint"]))
+        back = _flat_weights(cfg, Path(out["from_hf"]["checkpoint"]))
+        out["keys_equal"] = original.keys() == back.keys()
+        out["num_tensors"] = len(original)
+        out["not_bit_exact"] = [k for k in original if not torch.equal(original[k], back[k])]
+
+        # The CLI's verify on the same pair.
+        parser = argparse.ArgumentParser()
+        add_convert_subcommands(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["convert", "verify", str(root / "hf"), str(root / "run")])
+        out["cli_verify_rc"] = args.func(args)
+
+        # Verification must catch a wrong mapping (k and v swapped) and write nothing.
+        good = wm._split_qkv
+        wm._split_qkv = lambda w, c: tuple(good(w, c)[i] for i in (0, 2, 1))
+        try:
+            megatron_to_hf(root / "run", root / "broken", dtype="fp32")
+            out["broken_refused"] = False
+        except ConversionError as e:
+            out["broken_refused"] = "logits differ" in str(e)
+        finally:
+            wm._split_qkv = good
+        out["broken_written"] = (root / "broken").exists()
+    return out
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A tiny local word-level HF tokenizer (no download); <eos> is id 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>", "<pad>"])
+    tok.train_from_iterator(["the pass key is", "hello world"], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfconv")
+    _write_tokenizer(root / "tokenizer")
+    tp2_logits = run_distributed(
+        _save_tp2_checkpoint, 2, str(root / "run"), str(root / "tokenizer")
+    )[0]
+    result = run_distributed(_convert_round_trip, 1, str(root))[0]
+    return root, tp2_logits, result
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_round_trip_is_bit_exact_and_verified(converted):
+    root, _, r = converted
+    assert r["keys_equal"] and r["num_tensors"] >= 30
+    assert r["not_bit_exact"] == []
+    for report in (r["to_hf"], r["from_hf"]):
+        assert report["verify"]["ok"] and report["verify"]["max_abs_diff"] <= 1e-4
+        assert report["verify"]["top1_agreement"] == 1.0
+    assert r["cli_verify_rc"] == 0
+    native = r["native"]["verify"]
+    assert native["ok"] and native["max_abs_diff"] <= 1e-4 and native["top1_agreement"] == 1.0
+    native_config = yaml.safe_load(
+        (Path(r["native"]["checkpoint"]) / "run_config.yaml").read_text()
+    )
+    assert native_config["model"]["activation"] == "gelu"
+    assert native_config["model"]["tie_embeddings"] is False
+    assert r["broken_refused"] and not r["broken_written"]
+    # Sharded safetensors with an index, config with the layer types, generation config.
+    hf = root / "hf"
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    config = json.loads((hf / "config.json").read_text())
+    assert config["layer_types"][:4] == ["mamba", "mlp", "sliding_attention", "full_attention"]
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_hybrid_megatron.")
+    assert config["megatron"]["iteration"] == ITERATION
+    assert config["vocab_size"] == 512
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == 1
+    assert (hf / "tokenizer.json").is_file()  # the run's HF tokenizer ships with the model
+    back = Path(r["from_hf"]["checkpoint"])
+    assert back.name == f"iter_{ITERATION:07d}" and (back / "hm_complete.json").is_file()
+    source = Path(r["to_hf"]["checkpoint"])
+    run_config, source_config = (
+        yaml.safe_load((d / "run_config.yaml").read_text()) for d in (back, source)
+    )
+    assert run_config["model"] == source_config["model"]
+    assert run_config["parallel"] == source_config["parallel"]
+
+
+def test_newest_partial_checkpoint_is_skipped_with_a_warning(converted):
+    _, _, r = converted
+    assert r["to_hf"]["iteration"] == ITERATION
+    assert any(f"iter_{PARTIAL_ITERATION:07d}" in w for w in r["warnings"])
+
+
+@torch.no_grad()
+def test_hf_logits_match_tp2_megatron(converted):
+    from hybrid_megatron.hf import HybridMegatronForCausalLM
+
+    root, tp2_logits, _ = converted
+    model = HybridMegatronForCausalLM.from_pretrained(root / "hf").eval()
+    assert next(model.parameters()).dtype == torch.float32
+    logits = model(_tokens()).logits[..., : MODEL["vocab_size"]]
+    assert (logits - tp2_logits).abs().max() <= 1e-4
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
+    sys.path[:] = [p for p in sys.path if p and not p.startswith(REPO)]
+    sys.path_importer_cache.clear()
+    assert importlib.util.find_spec("hybrid_megatron") is None, "package still importable"
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True).eval()
+    eos = AutoTokenizer.from_pretrained(HF_DIR, trust_remote_code=True).eos_token_id
+    tokens = torch.tensor(json.loads(TOKENS))
+    with torch.no_grad():
+        logits = model(tokens).logits
+        generated = model.generate(tokens[:1, :20], max_new_tokens=5, do_sample=False)
+    model.save_pretrained("resaved")  # a remote-code model ships its own sources again
+    import os
+    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(),
+                      "generated": generated.tolist(), "eos": eos,
+                      "resaved": sorted(f for f in os.listdir("resaved") if f.endswith(".py"))}))
+    """
+)
+
+
+@torch.no_grad()
+def test_converted_dir_loads_with_remote_code_without_the_package(converted, tmp_path):
+    from hybrid_megatron.hf import HybridMegatronForCausalLM
+
+    root, tp2_logits, _ = converted
+    repo = str(Path(__file__).resolve().parents[1])
+    tokens = _tokens()
+    header = f"REPO = {repo!r}\nHF_DIR = {str(root / 'hf')!r}\n"
+    header += f"TOKENS = {json.dumps(tokens.tolist())!r}\n"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", header + REMOTE_SCRIPT],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules.") and result["eos"] == 1
+    assert result["resaved"] == sorted(p.name for p in (root / "hf").glob("*.py"))
+    assert (tmp_path / "resaved" / "ssd.py").read_text() == (root / "hf" / "ssd.py").read_text()
+    logits = torch.tensor(result["logits"])[..., : MODEL["vocab_size"]]
+    assert (logits - tp2_logits).abs().max() <= 1e-4
+    local = HybridMegatronForCausalLM.from_pretrained(root / "hf").eval()
+    expected = local.generate(tokens[:1, :20], max_new_tokens=5, do_sample=False)
+    assert result["generated"] == expected.tolist()
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _fake_checkpoint(run_dir: Path, pattern: str = "M-*-", **model) -> Path:
+    """A complete-looking checkpoint directory (marker, config, one payload file)."""
+    from hybrid_megatron.checkpoint.layout import write_complete_marker
+    from hybrid_megatron.config import RunConfig, from_dict, to_dict
+
+    ckpt = run_dir / "checkpoints" / "iter_0000003"
+    ckpt.mkdir(parents=True)
+    cfg = from_dict(RunConfig, {"model": {**MODEL, "pattern": pattern, **model}})
+    (ckpt / "__0_0.distcp").write_bytes(b"x" * 200)
+    (ckpt / "run_config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    write_complete_marker(ckpt, 3, {}, checksums=False)
+    return ckpt
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    return out
+
+
+def _untouched(out: Path) -> bool:
+    names = [p.name for p in out.iterdir()]
+    return names == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def _no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_refuses_partial_and_truncated_checkpoints(tmp_path, existing_output):
+    from hybrid_megatron.checkpoint.layout import CheckpointError
+    from hybrid_megatron.hf import megatron_to_hf
+
+    ckpt = _fake_checkpoint(tmp_path / "run")
+    with open(ckpt / "__0_0.distcp", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp has 100 bytes, expected 200"):
+        megatron_to_hf(ckpt, existing_output, overwrite=True)
+    (ckpt / "hm_complete.json").unlink()
+    with pytest.raises(CheckpointError, match="partial checkpoint"):
+        megatron_to_hf(ckpt, existing_output, overwrite=True)
+    with pytest.raises(CheckpointError, match="No complete checkpoint"):
+        megatron_to_hf(tmp_path / "run", existing_output, overwrite=True)
+    assert _untouched(existing_output) and _no_leftovers(tmp_path)
+
+
+def test_refuses_moe_and_existing_output(tmp_path, existing_output):
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.hf import hf_to_megatron, megatron_to_hf
+    from hybrid_megatron.hf.staging import OutputExistsError
+
+    moe = _fake_checkpoint(tmp_path / "moe", pattern="M-S*E", num_moe_experts=4)
+    with pytest.raises(ConfigError, match=r"MoE \('E'\) layers \(layer numbers \[5\]\)"):
+        megatron_to_hf(moe, tmp_path / "new")
+    dense = _fake_checkpoint(tmp_path / "dense")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        megatron_to_hf(dense, existing_output)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "hybrid_megatron"}))
+    with pytest.raises(OutputExistsError):
+        hf_to_megatron(hf_dir, existing_output)
+    (hf_dir / "config.json").write_text(
+        json.dumps({"model_type": "hybrid_megatron", "layer_types": ["mamba", "moe"]})
+    )
+    with pytest.raises(ConfigError, match="moe"):
+        hf_to_megatron(hf_dir, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert _untouched(existing_output) and _no_leftovers(tmp_path)
+
+
+def test_cli_reports_refusals(tmp_path, existing_output):
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.hf.cli import add_convert_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_convert_subcommands(parser.add_subparsers(dest="command", required=True))
+    dense = _fake_checkpoint(tmp_path / "dense")
+    for argv in (
+        ["convert", "to-hf", str(dense), str(existing_output), "--dtype", "fp32"],
+        ["convert", "from-hf", str(tmp_path / "nothing"), str(tmp_path / "new")],
+        ["convert", "verify", str(tmp_path / "nothing"), str(tmp_path / "run")],
+    ):
+        args = parser.parse_args(argv)
+        with pytest.raises(ConfigError):
+            args.func(args)
+    assert _untouched(existing_output)

@@ -1,0 +1,147 @@
+"""The Hugging Face model on its own: cached decoding equals full forwards, greedy generate()
+equals greedy decoding by full forwards, caches stay bounded where they should, attention
+implementations agree, and configs/inputs it cannot handle are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrid_megatron.hf import HybridMegatronCache, HybridMegatronConfig, HybridMegatronForCausalLM
+from hybrid_megatron.hf.cache_hybrid_megatron import AttentionState, MambaState
+
+WINDOW = 6
+LAYERS = ["mamba", "mlp", "sliding_attention", "full_attention", "mlp", "mamba"]
+LAYERS += ["sliding_attention"]
+
+
+def tiny_model(attn: str = "sdpa", **overrides) -> HybridMegatronForCausalLM:
+    """Mamba-2 (grouped), RoPE SWA (own theta), NoPE full attention, GQA, SwiGLU."""
+    torch.manual_seed(0)
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        layer_types=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        full_attention_use_rope=False,
+        sliding_attention_rope_theta=500.0,
+        mamba_d_state=4,
+        mamba_d_head=8,
+        mamba_n_groups=2,
+        mamba_chunk_size=8,
+        initializer_range=0.3,  # peaked logits: greedy choices are not near-ties
+    )
+    kwargs.update(overrides)
+    config = HybridMegatronConfig(**kwargs)
+    config._attn_implementation = attn
+    return HybridMegatronForCausalLM(config).eval()
+
+
+def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward():
+    model, ids = tiny_model(), prompt(2, 23)
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :9], use_cache=True)  # prefill longer than the window
+    cache, pieces = out.past_key_values, [out.logits]
+    pieces.append(model(ids[:, 9:13], past_key_values=cache).logits)  # multi-token continuation
+    for t in range(13, 23):
+        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    assert isinstance(cache, HybridMegatronCache)
+    assert cache.get_seq_length() == 23
+    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_repeated_full_forwards():
+    model, ids = tiny_model(), prompt(2, 3 * WINDOW + 1)
+    generated = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    seq = ids
+    for _ in range(12):
+        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(generated, seq)
+
+
+@torch.no_grad()
+def test_cache_memory_is_bounded_for_swa_and_mamba():
+    model = tiny_model()
+    sizes, lengths = {}, (2 * WINDOW, 50 * WINDOW)
+    for n in lengths:
+        cache = model(prompt(1, n), use_cache=True).past_key_values
+        for _ in range(3):
+            model(prompt(1, 1, seed=n), past_key_values=cache)
+        sizes[n] = cache.nbytes_per_layer()
+        for state, kind in zip(cache.layers, LAYERS):
+            if kind == "sliding_attention":
+                assert isinstance(state, AttentionState)
+                assert state.keys.shape[2] == WINDOW - 1
+            if kind == "full_attention":
+                assert state.keys.shape[2] == n + 3
+            if kind == "mamba":
+                assert isinstance(state, MambaState) and state.ssm.shape == (1, 8, 8, 4)
+    short, long = sizes[lengths[0]], sizes[lengths[1]]
+    for i, kind in enumerate(LAYERS):
+        if kind in ("sliding_attention", "mamba", "mlp"):
+            assert long[i] == short[i], f"layer {i} ({kind}) state grew: {short[i]} -> {long[i]}"
+        else:
+            assert long[i] > short[i], "full attention must keep every key"
+    swa = LAYERS.index("sliding_attention")
+    assert long[swa] == 2 * (WINDOW - 1) * 2 * 8 * 4  # k and v, kv heads 2, head dim 8, fp32
+
+
+@torch.no_grad()
+def test_attention_implementations_agree_and_eager_returns_weights(monkeypatch):
+    ids = prompt(2, 3 * WINDOW)
+    ref = tiny_model("sdpa")(ids, use_cache=False).logits
+    eager = tiny_model("eager")(ids, use_cache=False, output_attentions=True)
+    assert (eager.logits - ref).abs().max() < 1e-5
+    attn_layers = [k for k in LAYERS if k.endswith("attention")]
+    assert len(eager.attentions) == len(attn_layers)
+    swa = eager.attentions[attn_layers.index("sliding_attention")]
+    assert swa.shape == (2, 4, 3 * WINDOW, 3 * WINDOW)
+    torch.testing.assert_close(swa.sum(-1), torch.ones(2, 4, 3 * WINDOW))
+    i, j = torch.meshgrid(torch.arange(3 * WINDOW), torch.arange(3 * WINDOW), indexing="ij")
+    assert swa[..., (j > i) | (j <= i - WINDOW)].abs().max() == 0  # causal window W
+    monkeypatch.setenv("HYBRID_MEGATRON_FLEX_EAGER", "1")  # uncompiled flex: no compile wait
+    flex = tiny_model("flex_attention")(ids, use_cache=False).logits
+    assert (flex - ref).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="eager"):
+        tiny_model("sdpa")(ids, output_attentions=True)
+
+
+def test_unsupported_inputs_and_configs_are_refused():
+    model, ids = tiny_model(), prompt(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(ids, attention_mask=mask)
+    model(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is fine
+    with pytest.raises(ValueError, match="moe"):
+        HybridMegatronConfig(layer_types=["mamba", "moe"])
+    config = HybridMegatronConfig(layer_types=["linear_attention", "attention", "mlp"])
+    assert config.layer_types == ["mamba", "full_attention", "mlp"]
+
+
+@torch.no_grad()
+def test_save_and_auto_load_in_process(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tiny_model(tie_word_embeddings=False, hidden_act="gelu", mlp_gated=False)
+    ids = prompt(1, 9)
+    model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    for f in ("attention.py", "ssd.py", "mamba_ops.py", "modeling_hybrid_megatron.py"):
+        assert f in names
+    kernel = (tmp_path / "attention.py").read_text()
+    assert "def attention(" in kernel and "import *" not in kernel  # the kernel, not the shim
+    assert AutoConfig.from_pretrained(tmp_path).layer_types == LAYERS
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is HybridMegatronForCausalLM
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
