@@ -362,7 +362,11 @@ def _flex(
 
 # --------------------------------------------------------------------------------- flash_attn
 def _flash(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None) -> Tensor:
-    from flash_attn import flash_attn_func
+    # try/except keeps this optional import out of transformers' remote-code import check.
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:
+        raise _unavailable("flash_attn") from e
 
     kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": True}
     if window is not None:  # omitted otherwise, so flash-attn < 2.3 still works for full causal

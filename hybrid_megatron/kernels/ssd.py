@@ -296,7 +296,10 @@ def select_ssd_impl(backend: str = "auto") -> Callable[..., object]:
             "cannot be imported. Install them (`pip install mamba-ssm causal-conv1d`, needs a "
             "CUDA build) or set the SSD backend to 'torch'."
         )
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    try:  # (try/except keeps the optional import out of transformers' remote-code check)
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as e:  # pragma: no cover - mamba_backend_available() checked it
+        raise RuntimeError("mamba_ssm became unavailable") from e
 
     if backend == "mamba_ssm":
         return mamba_chunk_scan_combined
