@@ -193,6 +193,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class AfterTrainingConfig:
+    """What a single-process run does once training completes (the pipeline's later stages).
+
+    Multi-process runs print the equivalent commands instead (conversion and evaluation run as
+    their own jobs there).
+    """
+
+    recall_probe: bool = True  # exact-match recall on held-out synthetic documents
+    convert_to_hf: bool = False  # write RUN_DIR/hf (Hugging Face format, verified)
+    hf_dtype: Literal["bf16", "fp32"] = "fp32"
+    eval_tasks: list[str] = field(default_factory=list)  # e.g. [passkey, niah_single_1]
+    eval_lengths: list[int] = field(default_factory=list)  # prompt lengths in tokens
+    eval_samples: int = 20
+    eval_max_new_tokens: int | None = None  # None: each task's RULER default
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs."""
 
@@ -204,6 +221,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    after_training: AfterTrainingConfig = field(default_factory=AfterTrainingConfig)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -347,8 +365,7 @@ def validate_training(cfg: RunConfig) -> None:
         )
     if o.warmup_steps < 0 or (o.warmup_steps and o.warmup_steps >= t.steps):
         raise ConfigError(
-            f"optimizer.warmup_steps={o.warmup_steps} must be 0 or less than "
-            f"train.steps={t.steps}."
+            f"optimizer.warmup_steps={o.warmup_steps} must be 0 or less than train.steps={t.steps}."
         )
     if o.schedule == "wsd":
         decay = o.wsd_decay_steps if o.wsd_decay_steps is not None else max(1, t.steps // 5)

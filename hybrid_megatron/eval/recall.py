@@ -51,9 +51,8 @@ def recall_items(
             through = tokenizer.encode(doc.text[:end])
             if through[: len(prefix)] != prefix or len(through) > seq_length:
                 continue  # value merged with the text before it, or too long for the model
-            items.append(
-                RecallItem(through, len(prefix), len(through) - len(prefix), fact.distance, fact.kind)
-            )
+            value_len = len(through) - len(prefix)
+            items.append(RecallItem(through, len(prefix), value_len, fact.distance, fact.kind))
     return items
 
 
@@ -100,7 +99,14 @@ def recall_accuracy(
             per_kind.setdefault(it.kind, []).append(exact)
 
     def summary(groups: dict[str, list[int]]) -> dict:
-        return {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+        def order(name: str) -> tuple[int, str]:
+            digits = name.lstrip(">=").split("-")[0]
+            return (int(digits), name) if digits.isdigit() else (0, name)
+
+        return {
+            k: {"accuracy": sum(v) / len(v), "n": len(v)}
+            for k, v in sorted(groups.items(), key=lambda kv: order(kv[0]))
+        }
 
     total = [x for v in per_bin.values() for x in v]
     return {
@@ -111,4 +117,3 @@ def recall_accuracy(
         "by_distance": summary(per_bin),
         "by_kind": summary(per_kind),
     }
-

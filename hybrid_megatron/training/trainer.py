@@ -317,6 +317,10 @@ def _train(cfg, run_dir, ckpt_root, init_info, device) -> TrainResult:
         stop.restore()
         log.close()
     result.iteration = progress.iteration
+    if result.stopped_by is None and progress.iteration == t.steps:
+        from hybrid_megatron.training.after import run_after_training
+
+        run_after_training(cfg, run_dir, chunks)
     return result
 
 
