@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     finally:
         distributed.destroy()
-    if result.stopped_by:
+    if result.stopped_by and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
         print(
             f"stopped at step {result.iteration} ({result.stopped_by}); checkpoint "
             f"{result.last_checkpoint}. Run the same command to resume.",

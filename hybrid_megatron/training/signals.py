@@ -7,6 +7,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from hybrid_megatron.megatron_compat.checkpoint_writer import start_checkpoint_writer_ignoring
+
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -17,6 +19,7 @@ class StopRequest:
         self.received: int | None = None
         self._previous = {}
         if enabled:
+            start_checkpoint_writer_ignoring(signals)
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 

@@ -210,11 +210,16 @@ def train(cfg: RunConfig) -> TrainResult:
     init_info = None
     if t.init_from and not (cfg.checkpoint.resume and find_latest_valid_quiet(ckpt_root)):
         init_info = resolve_checkpoint(t.init_from, cfg.checkpoint.checksums)
-    device = distributed.initialize(cfg.parallel, seed=t.seed, device=t.device)
-    return _train(cfg, run_dir, ckpt_root, init_info, device)
+    # Handlers first: a stop signal during start-up is honoured at the first step boundary.
+    stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
+    try:
+        device = distributed.initialize(cfg.parallel, seed=t.seed, device=t.device)
+        return _train(cfg, run_dir, ckpt_root, init_info, device, stop)
+    finally:
+        stop.restore()
 
 
-def _train(cfg, run_dir, ckpt_root, init_info, device) -> TrainResult:
+def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> TrainResult:
     t = cfg.train
     num_micro = validate_batch_layout(cfg, dist.get_world_size())
     _check_run_dir_config(cfg, run_dir)
@@ -248,7 +253,6 @@ def _train(cfg, run_dir, ckpt_root, init_info, device) -> TrainResult:
     result = TrainResult(
         run_dir=run_dir, start_iteration=progress.iteration, iteration=progress.iteration
     )
-    stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
     log = _StepLogger(cfg, run_dir, device, bf16, progress.iteration)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     steps_this_run = 0
@@ -314,7 +318,6 @@ def _train(cfg, run_dir, ckpt_root, init_info, device) -> TrainResult:
                 )
                 break
     finally:
-        stop.restore()
         log.close()
     result.iteration = progress.iteration
     if result.stopped_by is None and progress.iteration == t.steps:
