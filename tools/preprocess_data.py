@@ -1,61 +1,15 @@
 #!/usr/bin/env python
-"""Tokenize .jsonl/.txt files into a Megatron indexed dataset (PREFIX.bin/.idx + PREFIX.json).
-
-Examples:
-    python tools/preprocess_data.py --input data/train.jsonl --output-prefix data/train
-    python tools/preprocess_data.py --input books/ --txt-mode paragraph \\
-        --tokenizer path/to/hf_tokenizer_dir --output-prefix data/books
-
-.jsonl: one JSON object per line, text under --json-key (default "text").
-.txt: one document per file (--txt-mode file, default) or per blank-line-separated paragraph
-(--txt-mode paragraph). Directories are searched recursively for .jsonl/.txt files.
-Each document is followed by the tokenizer's end-of-document token.
-"""
+"""Same as `hybrid-megatron preprocess ...` (kept for Megatron-style workflows)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-import warnings
 
-from hybrid_megatron.data.errors import DataError
-from hybrid_megatron.data.preprocess import TXT_MODES, preprocess
+from hybrid_megatron.cli import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.txt files or dirs")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.json")
-    parser.add_argument(
-        "--tokenizer", default="byte", help="'byte' (built-in) or a local HF tokenizer directory"
-    )
-    parser.add_argument("--json-key", default="text", help="JSON key holding the text")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
-    parser.add_argument("--batch-size", type=int, default=1024, help="documents per encode call")
-    parser.add_argument(
-        "--progress-interval", type=float, default=10.0, help="seconds between progress lines"
-    )
-    args = parser.parse_args(argv)
-    # Megatron-Core warns about missing GPU extensions on import; irrelevant here.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    try:
-        preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer,
-            json_key=args.json_key,
-            txt_mode=args.txt_mode,
-            batch_size=args.batch_size,
-            progress_interval=args.progress_interval,
-        )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""`hybrid-megatron preprocess`: raw .jsonl/.txt -> Megatron indexed dataset (.bin/.idx/.json).
+
+Examples:
+    hybrid-megatron preprocess --input data/train.jsonl --output-prefix data/train
+    hybrid-megatron preprocess --input books/ --txt-mode paragraph \\
+        --tokenizer path/to/hf_tokenizer_dir --output-prefix data/books
+
+.jsonl: one JSON object per line, text under --json-key (default "text").
+.txt: one document per file (--txt-mode file, default) or per blank-line-separated paragraph
+(--txt-mode paragraph). Directories are searched recursively for .jsonl/.txt files.
+Each document is followed by the tokenizer's end-of-document token.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hybrid_megatron.data.preprocess import TXT_MODES, preprocess
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.txt files or dirs")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.json")
+    parser.add_argument(
+        "--tokenizer", default="byte", help="'byte' (built-in) or a local HF tokenizer directory"
+    )
+    parser.add_argument("--json-key", default="text", help="JSON key holding the text")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
+    parser.add_argument("--batch-size", type=int, default=1024, help="documents per encode call")
+    parser.add_argument(
+        "--progress-interval", type=float, default=10.0, help="seconds between progress lines"
+    )
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Run preprocessing; DataError (a ConfigError) is reported by the caller with exit 2."""
+    preprocess(
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        json_key=args.json_key,
+        txt_mode=args.txt_mode,
+        batch_size=args.batch_size,
+        progress_interval=args.progress_interval,
+    )
+    return 0
+
+
+def add_preprocess_subcommand(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="tokenize .jsonl/.txt files into a Megatron indexed dataset",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_preprocess_arguments(parser)
+    parser.set_defaults(func=cmd_preprocess)
