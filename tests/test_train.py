@@ -309,3 +309,26 @@ def test_interleaved_pipeline_matches_single_process(reference, tmp_path):
     got = run_distributed(_first_step_rank, 2, str(tmp_path / "b"), str(reference), 1, 2, 2)[0]
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     assert got[1] == pytest.approx(want[1], rel=1e-4)
+
+
+def test_train_on_preprocessed_weighted_blend(tmp_path):
+    """User data path: preprocess two corpora, train on a weighted blend of them."""
+    from hybrid_megatron.data.synthetic import generate_corpus
+
+    prefixes = []
+    for name, seed in (("a", 1), ("b", 2)):
+        src = generate_corpus(tmp_path / f"{name}.jsonl", 200, seed=seed)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hybrid_megatron.cli", "preprocess", "--input", str(src),
+             "--output-prefix", str(tmp_path / name)],
+            env=_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        prefixes.append(str(tmp_path / name))
+    blend = f"[0.7 {prefixes[0]}, 0.3 {prefixes[1]}]"
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, f"data.prefixes={blend}", "train.steps=3", "optimizer.warmup_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _rows(run_dir, "train")] == [1, 2, 3]
+    assert not (run_dir / "data" / "synthetic_recall.bin").exists()
+    assert "recall probe" not in proc.stdout  # the probe is for the built-in corpus only
