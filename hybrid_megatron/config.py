@@ -485,12 +485,16 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a YAML run config; `overrides` are `a.b.c=value` strings."""
-    path = Path(path)
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config; a top-level `base: other.yaml` (relative to this file) is loaded
+    first and this file's keys are merged over it, section by section."""
     if not path.is_file():
         raise ConfigError(
             f"Config file not found: {path}. Pass a YAML file such as configs/tiny.yaml."
+        )
+    if path.resolve() in chain:
+        raise ConfigError(
+            f"Config {path} includes itself through `base:` ({' -> '.join(map(str, chain))})."
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -498,6 +502,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"Config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping at top level.")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `base` must be a path to another YAML config, got {base!r}.")
+    merged = _read_yaml(path.parent / base, (*chain, path.resolve()))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML run config; `overrides` are `a.b.c=value` strings."""
+    data = _read_yaml(Path(path))
     for item in overrides or []:
         apply_override(data, item)
     cfg = from_dict(RunConfig, data)

@@ -660,3 +660,20 @@ def test_padded_vocab_size(vocab, divisible_by, tp, expected):
     assert padded % multiple == 0
     assert vocab <= padded < vocab + multiple
     assert ParallelConfig(tensor=tp).tensor == tp
+
+
+def test_base_config_is_merged_and_cycles_are_refused(tmp_path):
+    from hybrid_megatron.config import load_config
+
+    ext = load_config(REPO_ROOT / "configs" / "paper" / "s4_swa128_nope_extend16k.yaml")
+    base = load_config(REPO_ROOT / "configs" / "paper" / "s4_swa128_nope.yaml")
+    assert ext.model.seq_length == 16384 and base.model.seq_length == 4096
+    assert ext.model.pattern == base.model.pattern and ext.model.swa == base.model.swa
+    assert ext.train.init_from == "runs/s4_swa128_nope"
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "c.yaml")
