@@ -54,10 +54,10 @@ def expected_layers(pattern: str, full_rope: bool, swa_rope: bool) -> list[tuple
 def describe_built_layers(model) -> list[tuple]:
     """Read back what each built layer will actually do."""
     from megatron.core.ssm.mamba_layer import MambaLayer
-    from megatron.core.ssm.mlp_layer import MLPLayer
 
     from hybrid_megatron.model.attention import HybridCoreAttention, HybridSelfAttention
     from hybrid_megatron.model.mamba_mixer import HybridMambaMixer
+    from hybrid_megatron.model.specs import HybridMLPLayer
 
     cfg = model.config
     model_theta = _theta_of(model.rotary_pos_emb) if hasattr(model, "rotary_pos_emb") else None
@@ -67,7 +67,7 @@ def describe_built_layers(model) -> list[tuple]:
         if isinstance(layer, MambaLayer):
             assert isinstance(layer.mixer, HybridMambaMixer)
             rows.append((n, "M", None, None, None))
-        elif isinstance(layer, MLPLayer):
+        elif isinstance(layer, HybridMLPLayer):
             rows.append((n, "-", None, None, None))
         else:
             attn = layer.self_attention

@@ -32,6 +32,11 @@ from hybrid_megatron.model.norm import RMSNorm
 from hybrid_megatron.model.stack import HybridStack, HybridStackSubmodules
 
 
+class HybridMLPLayer(TransformerLayer):
+    """MLP-only layer: Megatron's MLPLayer, which cannot take the `vp_stage` that the
+    interleaved pipeline schedule needs for layer numbering."""
+
+
 def transformer_engine_available() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -133,7 +138,7 @@ def hybrid_stack_spec(linear_backend: str, num_moe_experts: int | None = None) -
                 ),
             ),
             mlp_layer=ModuleSpec(
-                module=TransformerLayer,  # MLP-only (Megatron's MLPLayer lacks vp_stage)
+                module=HybridMLPLayer,
                 submodules=TransformerLayerSubmodules(
                     pre_mlp_layernorm=norm,
                     mlp=ModuleSpec(
