@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_preprocess_subcommand(sub)
 
     add_convert_subcommands(sub)
+    from hybrid_megatron.eval.cli import add_eval_subcommands
+
+    add_eval_subcommands(sub)
     return parser
 
 

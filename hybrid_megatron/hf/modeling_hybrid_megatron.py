@@ -14,7 +14,11 @@ the same kernels (`attention`, `ssd`, `mamba_ops`, torch only):
 
 `attn_implementation`: "eager" (explicit softmax; the only one returning attention weights),
 "sdpa", "flex_attention", "flash_attention_2" (the last three are the kernel's backends).
-Padded batches (attention masks with zeros) are not supported.
+Padding: right-padded batches (attention mask 1...1 0...0 per row) are accepted in forwards
+without a cache (scoring, as lm-evaluation-harness does): causal layers never look right, so
+the outputs at real tokens are exact and those at padding are to be ignored. Left padding and
+padded cached decoding are not supported (generate one prompt, or equal-length prompts, per
+call).
 
 This file is shipped next to converted weights together with the files it imports
 (remote code); `save_pretrained` writes them all.
@@ -175,6 +179,12 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> tupl
         visible &= j > i - window
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(q.dtype)
     return probs @ v, probs
+
+
+def _right_padded(mask: Tensor) -> bool:
+    """Every row is ones then zeros (no zero before a one)."""
+    m = mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
 class HybridMegatronAttention(nn.Module):
@@ -453,17 +463,21 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "HybridMegatron models do not support padding (attention_mask has zeros); pass "
-                "unpadded prompts of equal length, or one prompt per call."
-            )
         output_attentions = bool(output_attentions)
         if output_attentions and (self.config._attn_implementation or "sdpa") != "eager":
             raise ValueError(
                 "output_attentions=True needs attn_implementation='eager' (the fused kernels do "
                 "not return attention weights)."
             )
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            if not _right_padded(attention_mask) or past_key_values is not None or use_cache:
+                raise ValueError(
+                    "HybridMegatron models take padding only on the right and without a cache "
+                    "(attention_mask 1...1 0...0 per row, use_cache=False, no past_key_values); "
+                    "for generation pass unpadded prompts of equal length, or one per call "
+                    "(lm-evaluation-harness: --batch_size 1 for generation tasks)."
+                )
+            use_cache = False  # the states after padding would be wrong to continue from
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if past_key_values is not None and not isinstance(past_key_values, HybridMegatronCache):
