@@ -28,12 +28,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, device: str = "auto")
     if not cuda:
         enable_cpu_mode(force=torch.cuda.is_available())
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        # Slurm task variables count only inside an srun step: a batch shell of a multi-task
+        # allocation also has SLURM_NTASKS, but it is one process.
+        slurm = os.environ if "SLURM_STEP_ID" in os.environ else {}
+        rank = int(os.environ.get("RANK", slurm.get("SLURM_PROCID", 0)))
+        world = int(os.environ.get("WORLD_SIZE", slurm.get("SLURM_NTASKS", 1)))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
         if cuda:
-            local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+            local = int(os.environ.get("LOCAL_RANK", slurm.get("SLURM_LOCALID", 0)))
             torch.cuda.set_device(local)
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
