@@ -72,11 +72,18 @@ class ModelConfig:
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
     norm_epsilon: float = 1e-5
-    init_std: float = 0.02
+    init_std: float | None = None
+    """Std of the normal weight init; default sqrt(2 / (5 * hidden_size)) ("small init",
+    Nguyen & Salazar 2019, as in GPT-NeoX): 0.056 at hidden 128, 0.014 at 2048. A fixed 0.02
+    is too small for narrow models: the tiny model then needs ~8x more steps to learn to copy."""
     tie_embeddings: bool = True
     attention_backend: AttentionBackend = "auto"
     mamba_backend: MambaBackend = "auto"
     make_vocab_size_divisible_by: int = 128
+
+    @property
+    def init_std_value(self) -> float:
+        return self.init_std if self.init_std is not None else (0.4 / self.hidden_size) ** 0.5
 
     @property
     def head_dim(self) -> int:
@@ -124,6 +131,15 @@ class SyntheticDataConfig:
     min_distance: int = 16
     max_distance: int = 192
     max_facts: int = 3
+    # Fractions of documents that are eval prompts + answers (RULER niah_single_1, passkey).
+    niah_fraction: float = 0.0
+    passkey_fraction: float = 0.0
+    # Fraction of "Copy: {numbers}. Again: {numbers}." documents (in-context copying practice
+    # at min..max_distance; helps attention learn to retrieve).
+    copy_fraction: float = 0.0
+    # Make every document exactly model.seq_length - 1 characters (+ EOD = one sequence with
+    # the byte tokenizer), so each training sequence is one whole document from position 0.
+    fill_sequences: bool = False
 
 
 @dataclass
@@ -253,6 +269,7 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.ffn_hidden_size", m.ffn_hidden_size, allow_none=True)
     _positive("model.full_attention.rope_theta", m.full_attention.rope_theta)
     _positive("model.swa.rope_theta", m.swa.rope_theta)
+    _positive("model.init_std", m.init_std, allow_none=True)
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "

@@ -181,6 +181,70 @@ def test_generator_rejects_bad_distances():
     assert {f.distance for f in doc.facts} == {9}
 
 
+@pytest.mark.parametrize("doc_length", [None, 511])
+def test_generator_eval_format_documents(doc_length):
+    """niah / passkey documents are the evaluation prompt followed by its answer."""
+    from hybrid_megatron.eval.tasks import niah, passkey
+
+    docs = list(
+        iter_documents(
+            400,
+            seed=5,
+            min_distance=40,
+            max_distance=120,
+            niah_fraction=0.25,
+            passkey_fraction=0.25,
+            copy_fraction=0.2,
+            doc_length=doc_length,
+        )
+    )
+    plain = list(iter_documents(400, seed=5, min_distance=40, max_distance=120))
+    counts = {"niah": 0, "passkey_prompt": 0, "copy": 0, "kv": 0, "passkey": 0}
+    for doc, recall_doc in zip(docs, plain):
+        text, fact = doc.text, doc.facts[0]
+        counts[fact.kind] += 1
+        if doc_length is not None:
+            assert len(text) == doc_length or fact.kind in ("kv", "passkey")
+        if fact.kind in ("kv", "passkey"):
+            # Recall documents of a mixed corpus are those of an unmixed one (then padded).
+            assert text.startswith(recall_doc.text) and doc.facts == recall_doc.facts
+            continue
+        if fact.kind == "copy":  # "Copy: {numbers}. Again: {numbers}." blocks
+            assert len(doc.facts) >= (2 if doc_length else 1)
+            for f in doc.facts:
+                assert text[f.statement_start : f.statement_end - 1] == f.value
+                assert text[f.answer_start : f.answer_start + len(f.value)] == f.value
+                assert re.fullmatch(r"\d{5}( \d{5})*", f.value) and 40 <= f.distance <= 120
+            continue
+        prompt = text[: fact.answer_start - 1]
+        assert text[fact.answer_start - 1 :].startswith(f" {fact.value}.")
+        statement = text[fact.statement_start : fact.statement_end]
+        if fact.kind == "niah":
+            fmt = {"type_needle_v": "number", "query": fact.key}
+            assert statement == niah.NEEDLE.format(
+                type_needle_v="numbers", key=fact.key, value=fact.value
+            )
+            assert prompt.endswith(niah.ANSWER_PREFIX_ONE.format(**fmt))
+            assert len(fact.value) == 7 and prompt.count(fact.value) == 1
+        else:
+            assert statement == passkey.INFO.format(key=fact.value)
+            assert prompt.startswith(passkey.DESCRIPTION)
+            assert prompt.endswith(passkey.QUESTION + passkey.ANSWER_PREFIX)
+            assert 1 <= int(fact.value) <= 99999
+        assert fact.statement_end <= fact.query_start < fact.answer_start
+    assert min(counts.values()) > 20, counts
+    # Whole-sequence documents: the haystack grows to fill the length.
+    if doc_length is not None:
+        assert min(len(d.text) for d in docs if d.facts[0].kind == "niah") == doc_length
+
+
+def test_generator_rejects_bad_mix():
+    with pytest.raises(ValueError, match="niah_fraction"):
+        next(iter_documents(1, niah_fraction=0.7, passkey_fraction=0.5))
+    with pytest.raises(ValueError, match="doc_length"):
+        next(iter_documents(1, doc_length=0))
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 

@@ -159,6 +159,38 @@ def test_tiny_run_learns_and_validation_tracks(tmp_path):
     assert "tok/s" in proc.stdout and "ETA" in proc.stdout
 
 
+def test_small_model_learns_in_context_copying(tmp_path):
+    """Trainability: attention learns to copy numbers seen 16-30 tokens earlier.
+
+    A guard on initialisation defaults. Measured: exact copies 99.5% after these 250 steps with
+    the default small init (std 0.056 here); 0.0% with std 0.02.
+    """
+    run_dir = tmp_path / "copy"
+    args = [sys.executable, "-m", "hybrid_megatron.cli", "train", TINY, "--run-dir", str(run_dir)]
+    for item in (
+        "model.pattern=S-S-",
+        "optimizer.lr=1e-3",
+        "train.steps=250",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        "data.synthetic.num_docs=2000",
+        "data.synthetic.copy_fraction=1.0",
+        "data.synthetic.min_distance=16",
+        "data.synthetic.max_distance=30",
+        "data.synthetic.fill_sequences=true",
+    ):
+        args += ["--set", item]
+    proc = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads((run_dir / "eval" / "recall.json").read_text())
+    assert set(probe["by_kind"]) == {"copy"} and probe["n"] >= 100
+    # Chance is ~1e-10 per copied block (>= 10 random digits); one wrong digit fails a block.
+    assert probe["chance_exact_match"] < 1e-9
+    assert probe["exact_match"] > 0.25, probe
+
+
 # --------------------------------------------------------------------------- resharding
 
 

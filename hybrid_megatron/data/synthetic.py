@@ -20,8 +20,28 @@ so every recorded distance lies in [min_distance, max_distance]. Documents are a
 100 + max_distance characters long, so with max_distance well under the training sequence
 length the fact and its query usually land in one sequence.
 
-Document i depends only on (seed, i): a larger corpus with the same seed starts with the
-same documents.
+Two more document kinds are the evaluation prompts themselves, followed by their answer, so
+a tiny model can learn the exact formats it is evaluated on (the templates are imported from
+`hybrid_megatron.eval.tasks`, so they cannot drift):
+
+* niah:    RULER niah_single_1 (noise haystack, one needle "One of the special magic numbers
+  for {word-key} is: {7 digits}.", question, answer prefix) + " {value}."
+* passkey_prompt:  the passkey prompt (description, filler, "The pass key is {key}. Remember
+  it. {key} is the pass key.", question) + " The pass key is {key}."
+
+`niah_fraction` and `passkey_fraction` of the documents are of these kinds (the rest are the
+recall documents above). Their haystack holds 0..max_distance // 92 noise lines (niah) or
+min_distance..max_distance filler characters (passkey), with the needle at a random depth.
+With `doc_length` set, every document is exactly `doc_length` characters: niah/passkey
+haystacks grow to fill it and the remainder after the last answer is padded with noise text
+(a document whose smallest form is longer stays longer). With the byte tokenizer and
+doc_length = seq_length - 1, each training sequence is then exactly one document that starts
+at position 0, as the evaluation prompts do, and no fact is cut off by a sequence boundary.
+
+Document i depends only on (seed, i) and the options: a larger corpus with the same seed
+starts with the same documents, and with both fractions 0 and no `doc_length` the documents
+are the recall documents of earlier versions. The kind of document i is drawn from its own
+random stream, so the recall documents of a mixed corpus equal those of an unmixed one.
 """
 
 from __future__ import annotations
@@ -35,6 +55,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.eval.tasks import niah as _niah
+from hybrid_megatron.eval.tasks import passkey as _passkey
+from hybrid_megatron.eval.tasks.haystack import NOISE, insert_items
+from hybrid_megatron.eval.tasks.words import random_key_word, random_number
 
 _ADJECTIVES = (
     "old",
@@ -154,14 +178,14 @@ _MAX_ATTEMPTS = 8
 class Fact:
     """One stated-then-asked fact; offsets are character offsets into the document text."""
 
-    kind: str  # "kv" or "passkey"
-    key: str | None  # the 4-digit key for "kv", None for "passkey"
-    value: str  # the 5-digit answer
-    statement_start: int
+    kind: str  # "kv", "passkey" (recall documents), "niah" or "passkey_prompt"
+    key: str | None  # the 4-digit key for "kv", the word key for "niah", else None
+    value: str  # the answer: 5 digits (recall documents), 7 (niah), 1-5 (passkey_prompt)
+    statement_start: int  # the statement, needle or pass key line
     statement_end: int  # one past the statement's final period
-    query_start: int
+    query_start: int  # start of the question
     answer_start: int  # offset of `value` inside the query
-    distance: int  # query_start - statement_end
+    distance: int  # query_start - statement_end; for "copy", answer_start - statement_start
 
 
 @dataclass(frozen=True)
@@ -305,22 +329,191 @@ def generate_document(
     raise AssertionError("a single-fact document always fits")  # pragma: no cover
 
 
+# ----------------------------------------------------------------------------- eval formats
+
+KINDS = ("recall", "niah", "passkey_prompt", "copy")
+_NIAH_TYPE = "numbers"  # niah_single_1: word keys, 7-digit number values
+_NOISE_LINE = len(NOISE) + 1  # a noise line and the newline joining it
+_PASSKEY_KEYS = (1, 99999)  # the evaluation draws 1..50000; train on a superset
+
+
+def _noise_chars(n: int) -> str:
+    """The passkey filler cut to `n` characters (as `PasskeyTask` builds it)."""
+    text = NOISE
+    while len(text) < n:
+        text = " ".join([text, text])
+    return text[:n]
+
+
+def _pad(text: str, length: int | None) -> str:
+    """`text` padded with a newline and noise text to exactly `length` characters."""
+    k = 0 if length is None else length - len(text)
+    return text if k <= 0 else text + "\n" + _noise_chars(k - 1)
+
+
+def _niah_text(key: str, value: str, lines: int, needle_line: int) -> SyntheticDocument:
+    needle = _niah.NEEDLE.format(type_needle_v=_NIAH_TYPE, key=key, value=value)
+    context = "\n".join(insert_items([NOISE] * lines, [(needle_line, needle)]))
+    fmt = {"type_needle_v": _NIAH_TYPE[:-1], "query": key}
+    head = _niah.TEMPLATE_ONE.format(context=context, **fmt)
+    prompt = head + _niah.ANSWER_PREFIX_ONE.format(**fmt)
+    text = f"{prompt} {value}."
+    start = head.index(needle)
+    query = head.index(context) + len(context) + 1  # the question follows "{context}\n"
+    end = start + len(needle)
+    fact = Fact("niah", key, value, start, end, query, len(prompt) + 1, query - end)
+    return SyntheticDocument(text, (fact,))
+
+
+def generate_niah_document(
+    rng: random.Random, max_lines: int = 2, length: int | None = None
+) -> SyntheticDocument:
+    """A RULER niah_single_1 prompt (noise haystack) followed by " {value}.".
+
+    The haystack has 0..`max_lines` noise lines, or with `length` as many as fit in `length`
+    characters (the text is then padded to exactly `length`); the needle goes before a
+    uniformly drawn line (or last).
+    """
+    key = random_key_word(rng)
+    value = random_number(rng)
+    if length is None:
+        lines = rng.randint(0, max_lines)
+    else:
+        lines = max((length - len(_niah_text(key, value, 0, 0).text)) // _NOISE_LINE, 0)
+    doc = _niah_text(key, value, lines, rng.randint(0, lines))
+    return SyntheticDocument(_pad(doc.text, length), doc.facts)
+
+
+def _passkey_text(key: int, depth: float, size: int) -> SyntheticDocument:
+    n_prefix = round(size * depth / 100.0)
+    info = _passkey.INFO.format(key=key)
+    lines = [
+        _passkey.DESCRIPTION,
+        _noise_chars(n_prefix),
+        info,
+        _noise_chars(size - n_prefix),
+        _passkey.QUESTION,
+    ]
+    prompt = "\n".join(lines) + _passkey.ANSWER_PREFIX
+    start = len(lines[0]) + len(lines[1]) + 2
+    end = start + len(info)
+    query = len(prompt) - len(_passkey.ANSWER_PREFIX) - len(_passkey.QUESTION)
+    value = str(key)
+    fact = Fact("passkey_prompt", None, value, start, end, query, len(prompt) + 1, query - end)
+    return SyntheticDocument(f"{prompt} {value}.", (fact,))
+
+
+def generate_passkey_document(
+    rng: random.Random,
+    min_filler: int = 16,
+    max_filler: int = 256,
+    length: int | None = None,
+) -> SyntheticDocument:
+    """A passkey prompt followed by " {key}.".
+
+    The filler has `min_filler`..`max_filler` characters, or with `length` as many as make the
+    text exactly `length` characters; the pass key line goes to a uniform random depth.
+    """
+    key = rng.randint(*_PASSKEY_KEYS)
+    depth = 100.0 * rng.random()
+    if length is None:
+        size = rng.randint(min_filler, max_filler)
+    else:
+        size = max(length - len(_passkey_text(key, depth, 0).text), 0)
+    doc = _passkey_text(key, depth, size)
+    return SyntheticDocument(_pad(doc.text, length), doc.facts)
+
+
+def _copy_block(rng: random.Random, min_distance: int, max_distance: int) -> tuple[str, str]:
+    """Random 5-digit numbers whose copy starts min..max_distance characters after them."""
+    # "Copy: n1 ... nk. Again: n1 ... nk.": each character's copy sits len("n1 ... nk") +
+    # len(". Again: ") = 6k + 8 characters after it.
+    lo = max(1, -(-(min_distance - 8) // 6))
+    hi = max(lo, (max_distance - 8) // 6)
+    nums = " ".join(random_number(rng, 5) for _ in range(rng.randint(lo, hi)))
+    return f"Copy: {nums}. Again: ", nums
+
+
+def generate_copy_document(
+    rng: random.Random, min_distance: int = 16, max_distance: int = 256, length: int | None = None
+) -> SyntheticDocument:
+    """Blocks "Copy: {numbers}. Again: {numbers}." (in-context copying practice).
+
+    Each block repeats its random numbers after min..max_distance characters, so predicting
+    the repeat needs attention that reaches that far (beyond a sliding window shorter than
+    min_distance). One block, or with `length` as many blocks as fit (then padded).
+    """
+    text, facts = "", []
+    while True:
+        head, nums = _copy_block(rng, min_distance, max_distance)
+        block = f"{head}{nums}. "
+        if facts and (length is None or len(text) + len(block) > length):
+            break
+        start = len(text) + len("Copy: ")
+        query = len(text) + len(head) - len("Again: ")
+        end = start + len(nums) + 1
+        answer = len(text) + len(head)
+        facts.append(Fact("copy", None, nums, start, end, query, answer, answer - start))
+        text += block
+    return SyntheticDocument(_pad(text.rstrip(), length), tuple(facts))
+
+
+_MIX_FIELDS = ("niah_fraction", "passkey_fraction", "copy_fraction")
+
+
+def _check_mix(fractions: tuple[float, float, float], doc_length: int | None) -> None:
+    if min(fractions) < 0 or sum(fractions) > 1:
+        given = ", ".join(f"{k}={v}" for k, v in zip(_MIX_FIELDS, fractions))
+        raise ConfigError(
+            f"{given}: fractions must be >= 0 with a sum <= 1 (the rest are recall documents)."
+        )
+    if doc_length is not None and doc_length < 1:
+        raise ConfigError(f"doc_length={doc_length}; use doc_length >= 1 or leave it unset.")
+
+
+def document_kind(seed: int, index: int, fractions: tuple[float, float, float]) -> str:
+    """The kind of document `index` (one of `KINDS`), from its own random stream.
+
+    `fractions` are those of niah, passkey_prompt and copy documents; the rest are recall.
+    """
+    if not any(fractions):
+        return "recall"
+    u = random.Random(f"hybrid-megatron-synthetic-kind:{seed}:{index}").random()
+    for kind, fraction in zip(KINDS[1:], fractions):
+        if u < fraction:
+            return kind
+        u -= fraction
+    return "recall"
+
+
 def iter_documents(
     num_docs: int,
     seed: int = 0,
     min_distance: int = 16,
     max_distance: int = 256,
     max_facts: int = 3,
+    *,
+    niah_fraction: float = 0.0,
+    passkey_fraction: float = 0.0,
+    copy_fraction: float = 0.0,
+    doc_length: int | None = None,
 ) -> Iterator[SyntheticDocument]:
-    """Documents 0..num_docs-1; document i depends only on (seed, i)."""
+    """Documents 0..num_docs-1; document i depends only on (seed, i) and the options."""
     _check_args(min_distance, max_distance, max_facts)
+    fractions = (niah_fraction, passkey_fraction, copy_fraction)
+    _check_mix(fractions, doc_length)
     for i in range(num_docs):
-        yield generate_document(
-            random.Random(f"hybrid-megatron-synthetic:{seed}:{i}"),
-            min_distance,
-            max_distance,
-            max_facts,
-        )
+        rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
+        kind = document_kind(seed, i, fractions)
+        if kind == "niah":
+            yield generate_niah_document(rng, max_distance // _NOISE_LINE, doc_length)
+        elif kind == "passkey_prompt":
+            yield generate_passkey_document(rng, min_distance, max_distance, doc_length)
+        elif kind == "copy":
+            yield generate_copy_document(rng, min_distance, max_distance, doc_length)
+        else:
+            doc = generate_document(rng, min_distance, max_distance, max_facts)
+            yield SyntheticDocument(_pad(doc.text, doc_length), doc.facts)
 
 
 def generate_corpus(
@@ -331,6 +524,10 @@ def generate_corpus(
     max_distance: int = 256,
     *,
     max_facts: int = 3,
+    niah_fraction: float = 0.0,
+    passkey_fraction: float = 0.0,
+    copy_fraction: float = 0.0,
+    doc_length: int | None = None,
     include_facts: bool = False,
 ) -> Path:
     """Write `num_docs` documents as JSONL lines ``{"text": ...}`` to `path` and return it.
@@ -339,12 +536,24 @@ def generate_corpus(
     retrieval evaluation; preprocessing reads only the text key.
     """
     _check_args(min_distance, max_distance, max_facts)
+    _check_mix((niah_fraction, passkey_fraction, copy_fraction), doc_length)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    docs = iter_documents(
+        num_docs,
+        seed,
+        min_distance,
+        max_distance,
+        max_facts,
+        niah_fraction=niah_fraction,
+        passkey_fraction=passkey_fraction,
+        copy_fraction=copy_fraction,
+        doc_length=doc_length,
+    )
     with path.open("w", encoding="utf-8") as f:
-        for doc in iter_documents(num_docs, seed, min_distance, max_distance, max_facts):
+        for doc in docs:
             record: dict = {"text": doc.text}
             if include_facts:
                 record["facts"] = [asdict(fact) for fact in doc.facts]
@@ -362,6 +571,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-distance", type=int, default=16)
     parser.add_argument("--max-distance", type=int, default=256)
     parser.add_argument("--max-facts", type=int, default=3)
+    parser.add_argument("--niah-fraction", type=float, default=0.0)
+    parser.add_argument("--passkey-fraction", type=float, default=0.0)
+    parser.add_argument("--copy-fraction", type=float, default=0.0)
+    parser.add_argument("--doc-length", type=int, default=None)
     parser.add_argument("--include-facts", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -372,6 +585,10 @@ def main(argv: list[str] | None = None) -> None:
             args.min_distance,
             args.max_distance,
             max_facts=args.max_facts,
+            niah_fraction=args.niah_fraction,
+            passkey_fraction=args.passkey_fraction,
+            copy_fraction=args.copy_fraction,
+            doc_length=args.doc_length,
             include_facts=args.include_facts,
         )
     except ConfigError as err:

@@ -28,6 +28,7 @@ class RecallItem:
     value_len: int
     distance: int  # characters between statement and query
     kind: str
+    digits: int = 5  # digits in the value (chance of guessing it: 10 ** -digits)
 
 
 def recall_items(
@@ -38,11 +39,16 @@ def recall_items(
     min_distance: int = 16,
     max_distance: int = 192,
     max_facts: int = 3,
+    **mix: float | int | None,
 ) -> list[RecallItem]:
-    """Facts of held-out documents whose value ends within `seq_length` tokens."""
+    """Facts of held-out documents whose value ends within `seq_length` tokens.
+
+    `mix` takes `iter_documents`' document-mix options (niah_fraction, passkey_fraction,
+    copy_fraction, doc_length), so the probe covers the kinds the model was trained on.
+    """
     items = []
     docs = iter_documents(
-        num_docs, seed + HELD_OUT_SEED_OFFSET, min_distance, max_distance, max_facts
+        num_docs, seed + HELD_OUT_SEED_OFFSET, min_distance, max_distance, max_facts, **mix
     )
     for doc in docs:
         for fact in doc.facts:
@@ -52,7 +58,10 @@ def recall_items(
             if through[: len(prefix)] != prefix or len(through) > seq_length:
                 continue  # value merged with the text before it, or too long for the model
             value_len = len(through) - len(prefix)
-            items.append(RecallItem(through, len(prefix), value_len, fact.distance, fact.kind))
+            digits = sum(c.isdigit() for c in fact.value)
+            items.append(
+                RecallItem(through, len(prefix), value_len, fact.distance, fact.kind, digits)
+            )
     return items
 
 
@@ -113,7 +122,7 @@ def recall_accuracy(
         "exact_match": sum(total) / max(len(total), 1),
         "n": len(total),
         "token_accuracy": digit_hits / max(digit_total, 1),
-        "chance_exact_match": 1e-5,
+        "chance_exact_match": sum(10.0**-it.digits for it in items) / max(len(items), 1),
         "by_distance": summary(per_bin),
         "by_kind": summary(per_kind),
     }

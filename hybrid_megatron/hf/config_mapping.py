@@ -71,7 +71,7 @@ def hf_config_from_run_config(
         mamba_chunk_size=m.mamba.chunk_size,
         mamba_backend=m.mamba_backend,
         max_position_embeddings=m.seq_length,
-        initializer_range=m.init_std,
+        initializer_range=m.init_std_value,
         tie_word_embeddings=m.tie_embeddings,
         megatron=megatron,
     )

@@ -59,7 +59,7 @@ def build_transformer_config(
         add_bias_linear=False,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
-        init_method_std=m.init_std,
+        init_method_std=m.init_std_value,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,

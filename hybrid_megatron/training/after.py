@@ -25,11 +25,19 @@ def recall_probe(cfg: RunConfig, model: torch.nn.Module, out: Path) -> dict:
     """Recall probe of the in-memory model on held-out synthetic documents."""
     from hybrid_megatron.data.tokenizer import build_tokenizer
     from hybrid_megatron.eval.recall import recall_accuracy, recall_items
+    from hybrid_megatron.training.data import synthetic_mix
 
     s = cfg.data.synthetic
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     items = recall_items(
-        tokenizer, 200, cfg.model.seq_length, s.seed, s.min_distance, s.max_distance, s.max_facts
+        tokenizer,
+        200,
+        cfg.model.seq_length,
+        s.seed,
+        s.min_distance,
+        s.max_distance,
+        s.max_facts,
+        **synthetic_mix(cfg),
     )
     model = unwrap(model)
     was_training = model.training
@@ -48,9 +56,13 @@ def recall_probe(cfg: RunConfig, model: torch.nn.Module, out: Path) -> dict:
     bins = ", ".join(
         f"{k}: {v['accuracy']:.0%} (n={v['n']})" for k, v in result["by_distance"].items()
     )
+    kinds = ", ".join(
+        f"{k}: {v['accuracy']:.0%} (n={v['n']})" for k, v in result["by_kind"].items()
+    )
     _print(
-        f"recall probe (held-out synthetic facts, exact match; chance 0.001%): "
-        f"{result['exact_match']:.1%} overall; by distance {bins} -> {out}"
+        f"recall probe (held-out synthetic facts, exact match; chance "
+        f"{result['chance_exact_match']:.5%}): {result['exact_match']:.1%} overall; "
+        f"by distance {bins}; by kind {kinds} -> {out}"
     )
     return result
 

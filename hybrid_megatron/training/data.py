@@ -27,6 +27,17 @@ from hybrid_megatron.data.synthetic import generate_corpus
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
+def synthetic_mix(cfg: RunConfig) -> dict:
+    """The document-mix options of the built-in corpus (`iter_documents` keyword args)."""
+    s = cfg.data.synthetic
+    return {
+        "niah_fraction": s.niah_fraction,
+        "passkey_fraction": s.passkey_fraction,
+        "copy_fraction": s.copy_fraction,
+        "doc_length": cfg.model.seq_length - 1 if s.fill_sequences else None,
+    }
+
+
 def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
     """Generate (once) the built-in recall corpus for `cfg` under RUN_DIR/data; its prefix."""
     s = cfg.data.synthetic
@@ -38,6 +49,7 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
         "min_distance": s.min_distance,
         "max_distance": s.max_distance,
         "max_facts": s.max_facts,
+        **synthetic_mix(cfg),
         "tokenizer": cfg.data.tokenizer,
     }
     params_file = data_dir / "synthetic_recall.params.json"
@@ -56,6 +68,7 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
             s.min_distance,
             s.max_distance,
             max_facts=s.max_facts,
+            **synthetic_mix(cfg),
         )
         preprocess([jsonl], prefix, tokenizer=cfg.data.tokenizer, log=None)
         params_file.write_text(json.dumps(params, indent=1))
