@@ -96,6 +96,7 @@ def _keep_implicit(m: ModelConfig, old: ModelConfig) -> ModelConfig:
         "kv_channels": lambda c: c.head_dim,
         "ffn_hidden_size": lambda c: c.ffn_size,
         "num_query_groups": lambda c: c.query_groups,
+        "init_std": lambda c: c.init_std_value,
     }
     for name, value_of in derived.items():
         if getattr(old, name) is None:
