@@ -401,6 +401,15 @@ def validate_training(cfg: RunConfig) -> None:
                 "data.synthetic needs 0 < min_distance <= max_distance, got "
                 f"{s.min_distance}, {s.max_distance}."
             )
+        from hybrid_megatron.data.synthetic import check_mix
+
+        check_mix((s.niah_fraction, s.passkey_fraction, s.copy_fraction), None, "data.synthetic.")
+        if s.fill_sequences and cfg.data.tokenizer != "byte":
+            raise ConfigError(
+                "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "
+                f"only with the byte tokenizer (data.tokenizer={cfg.data.tokenizer!r}); use "
+                "data.tokenizer: byte or fill_sequences: false."
+            )
 
 
 def validate_batch_layout(cfg: RunConfig, world_size: int) -> int:

@@ -633,6 +633,20 @@ def test_tiny_config_contents_and_overrides():
             load_config(tiny, [override])
 
 
+def test_synthetic_mix_errors_name_the_key(tmp_path):
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.niah_fraction=0\.7.*sum <= 1"):
+        load_config(tiny, ["data.synthetic.niah_fraction=0.7", "data.synthetic.copy_fraction=0.5"])
+    with pytest.raises(ConfigError, match=r"copy_fraction=-0\.1.*>= 0"):
+        load_config(tiny, ["data.synthetic.copy_fraction=-0.1"])
+    with pytest.raises(ConfigError, match=r"fill_sequences .* only with the byte tokenizer"):
+        load_config(tiny, ["data.synthetic.fill_sequences=true", f"data.tokenizer={tmp_path}"])
+    cfg = load_config(
+        tiny, ["data.synthetic.copy_fraction=0.5", "data.synthetic.fill_sequences=true"]
+    )
+    assert cfg.data.synthetic.copy_fraction == 0.5
+
+
 # --------------------------------------------------------------------------- vocab padding
 
 

@@ -20,26 +20,29 @@ so every recorded distance lies in [min_distance, max_distance]. Documents are a
 100 + max_distance characters long, so with max_distance well under the training sequence
 length the fact and its query usually land in one sequence.
 
-Two more document kinds are the evaluation prompts themselves, followed by their answer, so
-a tiny model can learn the exact formats it is evaluated on (the templates are imported from
-`hybrid_megatron.eval.tasks`, so they cannot drift):
+Three more document kinds; the first two are the evaluation prompts themselves, followed by
+their answer, so a tiny model can learn the exact formats it is evaluated on (templates and
+the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drift):
 
 * niah:    RULER niah_single_1 (noise haystack, one needle "One of the special magic numbers
-  for {word-key} is: {7 digits}.", question, answer prefix) + " {value}."
-* passkey_prompt:  the passkey prompt (description, filler, "The pass key is {key}. Remember
-  it. {key} is the pass key.", question) + " The pass key is {key}."
+  for {word-key} is: {7 digits}.", question, answer prefix) + " {value}."; the haystack
+  holds 0..max_distance // 92 noise lines, the needle goes at a random depth.
+* passkey_prompt:  the passkey prompt (description, min..max_distance filler characters with
+  "The pass key is {key}. Remember it. {key} is the pass key." at a random depth, question)
+  + " The pass key is {key}."
+* copy:    blocks "Copy: {5-digit numbers}. Again: {the same numbers}." whose repeat starts
+  min_distance..max_distance characters after the original (in-context copying practice).
 
-`niah_fraction` and `passkey_fraction` of the documents are of these kinds (the rest are the
-recall documents above). Their haystack holds 0..max_distance // 92 noise lines (niah) or
-min_distance..max_distance filler characters (passkey), with the needle at a random depth.
-With `doc_length` set, every document is exactly `doc_length` characters: niah/passkey
-haystacks grow to fill it and the remainder after the last answer is padded with noise text
-(a document whose smallest form is longer stays longer). With the byte tokenizer and
-doc_length = seq_length - 1, each training sequence is then exactly one document that starts
-at position 0, as the evaluation prompts do, and no fact is cut off by a sequence boundary.
+`niah_fraction`, `passkey_fraction` and `copy_fraction` of the documents are of these kinds;
+the rest are the recall documents above. With `doc_length` set, every document is exactly
+`doc_length` characters: niah/passkey haystacks grow to fill it, copy documents hold as many
+blocks as fit, and the remainder is padded with noise text (a document whose smallest form
+is longer stays longer). With the byte tokenizer and doc_length = seq_length - 1, each
+training sequence is then exactly one document that starts at position 0, as the evaluation
+prompts do, and no fact is cut off by a sequence boundary.
 
 Document i depends only on (seed, i) and the options: a larger corpus with the same seed
-starts with the same documents, and with both fractions 0 and no `doc_length` the documents
+starts with the same documents, and with all fractions 0 and no `doc_length` the documents
 are the recall documents of earlier versions. The kind of document i is drawn from its own
 random stream, so the recall documents of a mixed corpus equal those of an unmixed one.
 """
@@ -337,18 +340,10 @@ _NOISE_LINE = len(NOISE) + 1  # a noise line and the newline joining it
 _PASSKEY_KEYS = (1, 99999)  # the evaluation draws 1..50000; train on a superset
 
 
-def _noise_chars(n: int) -> str:
-    """The passkey filler cut to `n` characters (as `PasskeyTask` builds it)."""
-    text = NOISE
-    while len(text) < n:
-        text = " ".join([text, text])
-    return text[:n]
-
-
 def _pad(text: str, length: int | None) -> str:
     """`text` padded with a newline and noise text to exactly `length` characters."""
     k = 0 if length is None else length - len(text)
-    return text if k <= 0 else text + "\n" + _noise_chars(k - 1)
+    return text if k <= 0 else (text + "\n" + " ".join([NOISE] * (k // len(NOISE) + 1)))[:length]
 
 
 def _niah_text(key: str, value: str, lines: int, needle_line: int) -> SyntheticDocument:
@@ -385,19 +380,13 @@ def generate_niah_document(
 
 
 def _passkey_text(key: int, depth: float, size: int) -> SyntheticDocument:
-    n_prefix = round(size * depth / 100.0)
+    """The evaluation's own passkey prompt (`PasskeyTask.render`) + " {key}."."""
+    rendered = _passkey.PasskeyTask().render(_passkey.PasskeyState(key, depth), size)
+    prompt = rendered.input + rendered.answer_prefix
     info = _passkey.INFO.format(key=key)
-    lines = [
-        _passkey.DESCRIPTION,
-        _noise_chars(n_prefix),
-        info,
-        _noise_chars(size - n_prefix),
-        _passkey.QUESTION,
-    ]
-    prompt = "\n".join(lines) + _passkey.ANSWER_PREFIX
-    start = len(lines[0]) + len(lines[1]) + 2
+    start = prompt.index(info)
     end = start + len(info)
-    query = len(prompt) - len(_passkey.ANSWER_PREFIX) - len(_passkey.QUESTION)
+    query = len(rendered.input) - len(_passkey.QUESTION)
     value = str(key)
     fact = Fact("passkey_prompt", None, value, start, end, query, len(prompt) + 1, query - end)
     return SyntheticDocument(f"{prompt} {value}.", (fact,))
@@ -461,9 +450,12 @@ def generate_copy_document(
 _MIX_FIELDS = ("niah_fraction", "passkey_fraction", "copy_fraction")
 
 
-def _check_mix(fractions: tuple[float, float, float], doc_length: int | None) -> None:
+def check_mix(
+    fractions: tuple[float, float, float], doc_length: int | None, prefix: str = ""
+) -> None:
+    """Raise ConfigError unless the document-mix fractions and `doc_length` are usable."""
     if min(fractions) < 0 or sum(fractions) > 1:
-        given = ", ".join(f"{k}={v}" for k, v in zip(_MIX_FIELDS, fractions))
+        given = ", ".join(f"{prefix}{k}={v}" for k, v in zip(_MIX_FIELDS, fractions))
         raise ConfigError(
             f"{given}: fractions must be >= 0 with a sum <= 1 (the rest are recall documents)."
         )
@@ -501,7 +493,7 @@ def iter_documents(
     """Documents 0..num_docs-1; document i depends only on (seed, i) and the options."""
     _check_args(min_distance, max_distance, max_facts)
     fractions = (niah_fraction, passkey_fraction, copy_fraction)
-    _check_mix(fractions, doc_length)
+    check_mix(fractions, doc_length)
     for i in range(num_docs):
         rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
         kind = document_kind(seed, i, fractions)
@@ -536,7 +528,7 @@ def generate_corpus(
     retrieval evaluation; preprocessing reads only the text key.
     """
     _check_args(min_distance, max_distance, max_facts)
-    _check_mix((niah_fraction, passkey_fraction, copy_fraction), doc_length)
+    check_mix((niah_fraction, passkey_fraction, copy_fraction), doc_length)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
     path = Path(path)
