@@ -557,7 +557,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def apply_override(data: dict, item: str) -> None:
-    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw config dict."""
+    """Apply one `dotted.key=value` override to a raw config dict.
+
+    The value is parsed as YAML (numbers, booleans, lists); text YAML cannot parse, such as a
+    layer pattern starting with `*` (a YAML alias), is taken as a plain string.
+    """
     if "=" not in item:
         raise ConfigError(f"Override '{item}' must look like section.key=value.")
     key, raw = item.split("=", 1)
@@ -567,4 +571,8 @@ def apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"Override '{item}': '{part}' is not a section.")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw.strip()
+    node[parts[-1]] = value

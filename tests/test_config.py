@@ -619,6 +619,9 @@ def test_tiny_config_contents_and_overrides():
     assert cp.no_rope_freq == [0] * 12
     assert [tuple(s) for s in cp.stages] == [(0, 6), (6, 12)]
 
+    # A pattern starting with '*' is a YAML alias; the override takes it as plain text.
+    assert load_config(tiny, ["model.pattern=*-S-*-S-"]).model.pattern == "*-S-*-S-"
+
     bad_overrides = {
         "model.swa.window=0": r"model\.swa\.window must be a positive.*got 0",
         "model.swa.window=-5": r"model\.swa\.window must be a positive.*got -5",
