@@ -410,6 +410,29 @@ def validate_training(cfg: RunConfig) -> None:
                 f"only with the byte tokenizer (data.tokenizer={cfg.data.tokenizer!r}); use "
                 "data.tokenizer: byte or fill_sequences: false."
             )
+        if s.fill_sequences:
+            _check_documents_fit(cfg)
+
+
+def _check_documents_fit(cfg: RunConfig) -> None:
+    """With fill_sequences, every mixed-in document kind must fit one training sequence."""
+    from hybrid_megatron.data.synthetic import smallest_document
+
+    s, room = cfg.data.synthetic, cfg.model.seq_length - 1
+    for key, kind in (
+        ("niah_fraction", "niah"),
+        ("passkey_fraction", "passkey_prompt"),
+        ("copy_fraction", "copy"),
+    ):
+        need = smallest_document(kind, s.min_distance)
+        if getattr(s, key) > 0 and need > room:
+            raise ConfigError(
+                f"data.synthetic.{key}={getattr(s, key)} with fill_sequences: a {kind} document "
+                f"needs at least {need} characters, but a training sequence holds "
+                f"model.seq_length - 1 = {room}. Raise model.seq_length to >= {need + 1}"
+                + (" or lower data.synthetic.min_distance" if kind == "copy" else "")
+                + f", or set {key}: 0."
+            )
 
 
 def validate_batch_layout(cfg: RunConfig, world_size: int) -> int:

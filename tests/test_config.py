@@ -648,6 +648,16 @@ def test_synthetic_mix_errors_name_the_key(tmp_path):
         tiny, ["data.synthetic.copy_fraction=0.5", "data.synthetic.fill_sequences=true"]
     )
     assert cfg.data.synthetic.copy_fraction == 0.5
+    # fill_sequences promises one whole document per sequence: kinds that cannot fit are refused.
+    fill = ["data.synthetic.fill_sequences=true"]
+    with pytest.raises(ConfigError, match=r"niah_fraction=0\.3 .*at least 408 .*= 255"):
+        load_config(tiny, [*fill, "data.synthetic.niah_fraction=0.3"])
+    with pytest.raises(ConfigError, match=r"copy document needs at least 301 .*min_distance"):
+        load_config(
+            tiny, [*fill, "data.synthetic.copy_fraction=1", "data.synthetic.min_distance=150"]
+        )
+    load_config(tiny, [*fill, "data.synthetic.niah_fraction=0.3", "model.seq_length=512"])
+    load_config(tiny, [*fill, "data.synthetic.passkey_fraction=0.3"])
 
 
 # --------------------------------------------------------------------------- vocab padding

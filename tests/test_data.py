@@ -238,6 +238,17 @@ def test_generator_eval_format_documents(doc_length):
         assert min(len(d.text) for d in docs if d.facts[0].kind == "niah") == doc_length
 
 
+@pytest.mark.parametrize("min_distance, max_distance", [(16, 30), (40, 200), (100, 150)])
+def test_copy_documents_fit_doc_length(min_distance, max_distance):
+    """Copy blocks are capped so a filled document never overflows its sequence."""
+    rng = random.Random(0)
+    for _ in range(100):
+        doc = synthetic.generate_copy_document(rng, min_distance, max_distance, length=255)
+        assert len(doc.text) == 255
+        assert all(min_distance <= f.distance <= max_distance for f in doc.facts)
+    assert synthetic.smallest_document("copy", 150) > 255  # refused by the config check instead
+
+
 def test_generator_rejects_bad_mix():
     with pytest.raises(ValueError, match="niah_fraction"):
         next(iter_documents(1, niah_fraction=0.7, passkey_fraction=0.5))

@@ -61,7 +61,7 @@ from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.eval.tasks import niah as _niah
 from hybrid_megatron.eval.tasks import passkey as _passkey
 from hybrid_megatron.eval.tasks.haystack import NOISE, insert_items
-from hybrid_megatron.eval.tasks.words import random_key_word, random_number
+from hybrid_megatron.eval.tasks.words import load_words, random_key_word, random_number
 
 _ADJECTIVES = (
     "old",
@@ -432,6 +432,8 @@ def generate_copy_document(
     the repeat needs attention that reaches that far (beyond a sliding window shorter than
     min_distance). One block, or with `length` as many blocks as fit (then padded).
     """
+    if length is not None:  # a block "Copy: ... Again: ... " of k numbers takes 12k + 13
+        max_distance = max(min_distance, min(max_distance, 6 * ((length - 13) // 12) + 8))
     text, facts = "", []
     while True:
         head, nums = _copy_block(rng, min_distance, max_distance)
@@ -461,6 +463,22 @@ def check_mix(
         )
     if doc_length is not None and doc_length < 1:
         raise ConfigError(f"doc_length={doc_length}; use doc_length >= 1 or leave it unset.")
+
+
+def smallest_document(kind: str, min_distance: int) -> int:
+    """Characters of the shortest possible niah / passkey_prompt / copy document.
+
+    With `doc_length` shorter than this, such documents overflow their training sequence
+    (so `fill_sequences` no longer gives one whole document per sequence).
+    """
+    if kind == "niah":
+        longest = max(load_words("adjectives"), key=len) + "-" + max(load_words("nouns"), key=len)
+        return len(_niah_text(longest, "9" * 7, 0, 0).text)
+    if kind == "passkey_prompt":
+        return len(_passkey_text(_PASSKEY_KEYS[1], 0.0, 0).text)
+    if kind == "copy":
+        return 12 * max(1, -(-(min_distance - 8) // 6)) + 13
+    raise ValueError(f"no smallest size for document kind {kind!r}")
 
 
 def document_kind(seed: int, index: int, fractions: tuple[float, float, float]) -> str:
