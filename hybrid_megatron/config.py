@@ -137,6 +137,9 @@ class SyntheticDataConfig:
     # Fraction of "Copy: {numbers}. Again: {numbers}." documents (in-context copying practice
     # at min..max_distance; helps attention learn to retrieve).
     copy_fraction: float = 0.0
+    # Fraction of "Repeat: {words} | {words} | ..." documents (dense look-back-and-copy signal
+    # from which an induction circuit forms; copies min..max_distance characters apart).
+    repeat_fraction: float = 0.0
     # Make every document exactly model.seq_length - 1 characters (+ EOD = one sequence with
     # the byte tokenizer), so each training sequence is one whole document from position 0.
     fill_sequences: bool = False
@@ -403,7 +406,8 @@ def validate_training(cfg: RunConfig) -> None:
             )
         from hybrid_megatron.data.synthetic import check_mix
 
-        check_mix((s.niah_fraction, s.passkey_fraction, s.copy_fraction), None, "data.synthetic.")
+        fractions = (s.niah_fraction, s.passkey_fraction, s.copy_fraction, s.repeat_fraction)
+        check_mix(fractions, None, "data.synthetic.")
         if s.fill_sequences and cfg.data.tokenizer != "byte":
             raise ConfigError(
                 "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "
@@ -423,6 +427,7 @@ def _check_documents_fit(cfg: RunConfig) -> None:
         ("niah_fraction", "niah"),
         ("passkey_fraction", "passkey_prompt"),
         ("copy_fraction", "copy"),
+        ("repeat_fraction", "repeat"),
     ):
         need = smallest_document(kind, s.min_distance)
         if getattr(s, key) > 0 and need > room:
@@ -430,7 +435,7 @@ def _check_documents_fit(cfg: RunConfig) -> None:
                 f"data.synthetic.{key}={getattr(s, key)} with fill_sequences: a {kind} document "
                 f"needs at least {need} characters, but a training sequence holds "
                 f"model.seq_length - 1 = {room}. Raise model.seq_length to >= {need + 1}"
-                + (" or lower data.synthetic.min_distance" if kind == "copy" else "")
+                + (" or lower data.synthetic.min_distance" if kind in ("copy", "repeat") else "")
                 + f", or set {key}: 0."
             )
 

@@ -195,11 +195,12 @@ def test_generator_eval_format_documents(doc_length):
             niah_fraction=0.25,
             passkey_fraction=0.25,
             copy_fraction=0.2,
+            repeat_fraction=0.1,
             doc_length=doc_length,
         )
     )
     plain = list(iter_documents(400, seed=5, min_distance=40, max_distance=120))
-    counts = {"niah": 0, "passkey_prompt": 0, "copy": 0, "kv": 0, "passkey": 0}
+    counts = {"niah": 0, "passkey_prompt": 0, "copy": 0, "repeat": 0, "kv": 0, "passkey": 0}
     for doc, recall_doc in zip(docs, plain):
         text, fact = doc.text, doc.facts[0]
         counts[fact.kind] += 1
@@ -215,6 +216,14 @@ def test_generator_eval_format_documents(doc_length):
                 assert text[f.statement_start : f.statement_end - 1] == f.value
                 assert text[f.answer_start : f.answer_start + len(f.value)] == f.value
                 assert re.fullmatch(r"\d{5}( \d{5})*", f.value) and 40 <= f.distance <= 120
+            continue
+        if fact.kind == "repeat":  # "Repeat: {s} | {s} | ..." with copies `distance` apart
+            (f,) = doc.facts
+            copies = text.split("\n")[0].removeprefix("Repeat: ").split(" | ")
+            assert len(copies) >= (3 if doc_length is None else 4)
+            assert set(copies) == {f.value} and re.fullmatch(r"[a-z]+( [a-z]+)*", f.value)
+            assert text[f.answer_start : f.answer_start + len(f.value)] == f.value
+            assert f.answer_start - f.statement_start == f.distance and 40 <= f.distance <= 120
             continue
         prompt = text[: fact.answer_start - 1]
         assert text[fact.answer_start - 1 :].startswith(f" {fact.value}.")
@@ -232,7 +241,7 @@ def test_generator_eval_format_documents(doc_length):
             assert prompt.endswith(passkey.QUESTION + passkey.ANSWER_PREFIX)
             assert 1 <= int(fact.value) <= 99999
         assert fact.statement_end <= fact.query_start < fact.answer_start
-    assert min(counts.values()) > 20, counts
+    assert min(counts.values()) > 15, counts
     # Whole-sequence documents: the haystack grows to fill the length.
     if doc_length is not None:
         assert min(len(d.text) for d in docs if d.facts[0].kind == "niah") == doc_length
@@ -568,3 +577,17 @@ def test_missing_helpers_message(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "megatron.core.datasets.helpers_cpp", None)
     with pytest.raises(RuntimeError, match="helpers_cpp.*reinstall megatron-core"):
         check_helpers()
+
+
+def test_recall_probe_covers_repeat_documents_with_letter_chance():
+    """Repeat documents enter the recall probe; chance counts letters (26 ** -n), not digits."""
+    from hybrid_megatron.eval.recall import recall_items
+
+    items = recall_items(ByteTokenizer(), 20, 256, min_distance=16, max_distance=60,
+                         repeat_fraction=1.0)  # fmt: skip
+    assert len(items) == 20 and {it.kind for it in items} == {"repeat"}
+    for it in items:
+        value = bytes(it.tokens[it.value_start :]).decode()
+        letters = sum(c.isalpha() for c in value)
+        assert letters >= 10 and it.chance == pytest.approx(26.0**-letters)
+        assert bytes(it.tokens[: it.value_start]).decode().endswith(value + " | ")

@@ -32,8 +32,14 @@ the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drif
   + " The pass key is {key}."
 * copy:    blocks "Copy: {5-digit numbers}. Again: {the same numbers}." whose repeat starts
   min_distance..max_distance characters after the original (in-context copying practice).
+* repeat:  "Repeat: {s} | {s} | {s} ..." where s is a string of random lowercase words whose
+  copies are min_distance..max_distance characters apart. Almost every token after the first
+  copy is predictable only by looking back one copy, and letters (unlike digits) rarely
+  repeat by chance, so this dense, unambiguous signal is what lets an induction (look back
+  and copy) circuit form in a small model; eval-format documents alone are too sparse.
 
-`niah_fraction`, `passkey_fraction` and `copy_fraction` of the documents are of these kinds;
+`niah_fraction`, `passkey_fraction`, `copy_fraction` and `repeat_fraction` of the documents
+are of these kinds;
 the rest are the recall documents above. With `doc_length` set, every document is exactly
 `doc_length` characters: niah/passkey haystacks grow to fill it, copy documents hold as many
 blocks as fit, and the remainder is padded with noise text (a document whose smallest form
@@ -53,6 +59,7 @@ import argparse
 import heapq
 import json
 import random
+import string
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -334,7 +341,7 @@ def generate_document(
 
 # ----------------------------------------------------------------------------- eval formats
 
-KINDS = ("recall", "niah", "passkey_prompt", "copy")
+KINDS = ("recall", "niah", "passkey_prompt", "copy", "repeat")
 _NIAH_TYPE = "numbers"  # niah_single_1: word keys, 7-digit number values
 _NOISE_LINE = len(NOISE) + 1  # a noise line and the newline joining it
 _PASSKEY_KEYS = (1, 99999)  # the evaluation draws 1..50000; train on a superset
@@ -449,12 +456,43 @@ def generate_copy_document(
     return SyntheticDocument(_pad(text.rstrip(), length), tuple(facts))
 
 
-_MIX_FIELDS = ("niah_fraction", "passkey_fraction", "copy_fraction")
+def _random_words(rng: random.Random, length: int) -> str:
+    """Random lowercase words (3..7 letters) joined by spaces, exactly `length` characters."""
+    text = ""
+    while len(text) < length:
+        text += (" " if text else "") + "".join(
+            rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7))
+        )
+    return text[:length].rstrip() or "a"
 
 
-def check_mix(
-    fractions: tuple[float, float, float], doc_length: int | None, prefix: str = ""
-) -> None:
+_REPEAT_HEAD, _REPEAT_SEP = "Repeat: ", " | "
+
+
+def generate_repeat_document(
+    rng: random.Random, min_distance: int = 16, max_distance: int = 256, length: int | None = None
+) -> SyntheticDocument:
+    """ "Repeat: {s} | {s} | ..." with consecutive copies min..max_distance characters apart.
+
+    Three copies, or with `length` as many as fit (at least two; then padded). One fact: the
+    second copy, `distance` characters after the first.
+    """
+    hi = max_distance if length is None else (length - len(_REPEAT_HEAD)) // 2
+    distance = rng.randint(min_distance, max(min_distance, min(max_distance, hi)))
+    words = _random_words(rng, max(1, distance - len(_REPEAT_SEP)))
+    step = len(words) + len(_REPEAT_SEP)
+    copies = 3 if length is None else max(2, (length - len(_REPEAT_HEAD) + 3) // step)
+    text = _REPEAT_HEAD + _REPEAT_SEP.join([words] * copies)
+    start = len(_REPEAT_HEAD)
+    fact = Fact("repeat", None, words, start, start + len(words), start + len(words),
+                start + step, step)  # fmt: skip
+    return SyntheticDocument(_pad(text, length), (fact,))
+
+
+_MIX_FIELDS = ("niah_fraction", "passkey_fraction", "copy_fraction", "repeat_fraction")
+
+
+def check_mix(fractions: tuple[float, ...], doc_length: int | None, prefix: str = "") -> None:
     """Raise ConfigError unless the document-mix fractions and `doc_length` are usable."""
     if min(fractions) < 0 or sum(fractions) > 1:
         given = ", ".join(f"{prefix}{k}={v}" for k, v in zip(_MIX_FIELDS, fractions))
@@ -478,13 +516,16 @@ def smallest_document(kind: str, min_distance: int) -> int:
         return len(_passkey_text(_PASSKEY_KEYS[1], 0.0, 0).text)
     if kind == "copy":
         return 12 * max(1, -(-(min_distance - 8) // 6)) + 13
+    if kind == "repeat":
+        return len(_REPEAT_HEAD) + 2 * min_distance - len(_REPEAT_SEP)
     raise ValueError(f"no smallest size for document kind {kind!r}")
 
 
-def document_kind(seed: int, index: int, fractions: tuple[float, float, float]) -> str:
+def document_kind(seed: int, index: int, fractions: tuple[float, ...]) -> str:
     """The kind of document `index` (one of `KINDS`), from its own random stream.
 
-    `fractions` are those of niah, passkey_prompt and copy documents; the rest are recall.
+    `fractions` are those of niah, passkey_prompt, copy and repeat documents; the rest are
+    recall. A kind added later takes its share from the end, so earlier kinds keep theirs.
     """
     if not any(fractions):
         return "recall"
@@ -506,11 +547,12 @@ def iter_documents(
     niah_fraction: float = 0.0,
     passkey_fraction: float = 0.0,
     copy_fraction: float = 0.0,
+    repeat_fraction: float = 0.0,
     doc_length: int | None = None,
 ) -> Iterator[SyntheticDocument]:
     """Documents 0..num_docs-1; document i depends only on (seed, i) and the options."""
     _check_args(min_distance, max_distance, max_facts)
-    fractions = (niah_fraction, passkey_fraction, copy_fraction)
+    fractions = (niah_fraction, passkey_fraction, copy_fraction, repeat_fraction)
     check_mix(fractions, doc_length)
     for i in range(num_docs):
         rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
@@ -521,6 +563,8 @@ def iter_documents(
             yield generate_passkey_document(rng, min_distance, max_distance, doc_length)
         elif kind == "copy":
             yield generate_copy_document(rng, min_distance, max_distance, doc_length)
+        elif kind == "repeat":
+            yield generate_repeat_document(rng, min_distance, max_distance, doc_length)
         else:
             doc = generate_document(rng, min_distance, max_distance, max_facts)
             yield SyntheticDocument(_pad(doc.text, doc_length), doc.facts)
@@ -537,6 +581,7 @@ def generate_corpus(
     niah_fraction: float = 0.0,
     passkey_fraction: float = 0.0,
     copy_fraction: float = 0.0,
+    repeat_fraction: float = 0.0,
     doc_length: int | None = None,
     include_facts: bool = False,
 ) -> Path:
@@ -546,7 +591,7 @@ def generate_corpus(
     retrieval evaluation; preprocessing reads only the text key.
     """
     _check_args(min_distance, max_distance, max_facts)
-    check_mix((niah_fraction, passkey_fraction, copy_fraction), doc_length)
+    check_mix((niah_fraction, passkey_fraction, copy_fraction, repeat_fraction), doc_length)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
     path = Path(path)
@@ -560,6 +605,7 @@ def generate_corpus(
         niah_fraction=niah_fraction,
         passkey_fraction=passkey_fraction,
         copy_fraction=copy_fraction,
+        repeat_fraction=repeat_fraction,
         doc_length=doc_length,
     )
     with path.open("w", encoding="utf-8") as f:
@@ -584,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--niah-fraction", type=float, default=0.0)
     parser.add_argument("--passkey-fraction", type=float, default=0.0)
     parser.add_argument("--copy-fraction", type=float, default=0.0)
+    parser.add_argument("--repeat-fraction", type=float, default=0.0)
     parser.add_argument("--doc-length", type=int, default=None)
     parser.add_argument("--include-facts", action="store_true")
     args = parser.parse_args(argv)
@@ -598,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
             niah_fraction=args.niah_fraction,
             passkey_fraction=args.passkey_fraction,
             copy_fraction=args.copy_fraction,
+            repeat_fraction=args.repeat_fraction,
             doc_length=args.doc_length,
             include_facts=args.include_facts,
         )

@@ -4,7 +4,8 @@ Each fact stated in a document ("key 4821 = 73019." / "The pass key is 58213.") 
 later; the probe checks whether the model's greedy continuation after the query reproduces
 the value. One teacher-forced forward per batch suffices: greedy decoding emits the value
 exactly when the argmax at every value position (given the correct earlier digits) is the
-value's token. Reported per distance bin, with chance for a 5-digit value = 1e-5.
+value's token. Reported per distance bin, with chance for a 5-digit value = 1e-5
+(and 26 ** -n for n random letters).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class RecallItem:
     value_len: int
     distance: int  # characters between statement and query
     kind: str
-    digits: int = 5  # digits in the value (chance of guessing it: 10 ** -digits)
+    chance: float = 1e-5  # of guessing the value: 10 ** -digits * 26 ** -letters
 
 
 def recall_items(
@@ -44,7 +45,8 @@ def recall_items(
     """Facts of held-out documents whose value ends within `seq_length` tokens.
 
     `mix` takes `iter_documents`' document-mix options (niah_fraction, passkey_fraction,
-    copy_fraction, doc_length), so the probe covers the kinds the model was trained on.
+    copy_fraction, repeat_fraction, doc_length), so the probe covers the kinds the model was
+    trained on.
     """
     items = []
     docs = iter_documents(
@@ -59,8 +61,10 @@ def recall_items(
                 continue  # value merged with the text before it, or too long for the model
             value_len = len(through) - len(prefix)
             digits = sum(c.isdigit() for c in fact.value)
+            letters = sum(c.isalpha() for c in fact.value)
+            chance = 10.0**-digits * 26.0**-letters
             items.append(
-                RecallItem(through, len(prefix), value_len, fact.distance, fact.kind, digits)
+                RecallItem(through, len(prefix), value_len, fact.distance, fact.kind, chance)
             )
     return items
 
@@ -122,7 +126,7 @@ def recall_accuracy(
         "exact_match": sum(total) / max(len(total), 1),
         "n": len(total),
         "token_accuracy": digit_hits / max(digit_total, 1),
-        "chance_exact_match": sum(10.0**-it.digits for it in items) / max(len(items), 1),
+        "chance_exact_match": sum(it.chance for it in items) / max(len(items), 1),
         "by_distance": summary(per_bin),
         "by_kind": summary(per_kind),
     }

@@ -34,6 +34,7 @@ def synthetic_mix(cfg: RunConfig) -> dict:
         "niah_fraction": s.niah_fraction,
         "passkey_fraction": s.passkey_fraction,
         "copy_fraction": s.copy_fraction,
+        "repeat_fraction": s.repeat_fraction,
         "doc_length": cfg.model.seq_length - 1 if s.fill_sequences else None,
     }
 
