@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hybrid_megatron.hf.cli import add_convert_subcommands
 
     add_preprocess_subcommand(sub)
+    from hybrid_megatron.data.train_tokenizer import add_train_tokenizer_subcommand
+
+    add_train_tokenizer_subcommand(sub)
 
     add_convert_subcommands(sub)
     from hybrid_megatron.eval.cli import add_eval_subcommands

@@ -591,3 +591,39 @@ def test_recall_probe_covers_repeat_documents_with_letter_chance():
         letters = sum(c.isalpha() for c in value)
         assert letters >= 10 and it.chance == pytest.approx(26.0**-letters)
         assert bytes(it.tokens[: it.value_start]).decode().endswith(value + " | ")
+
+
+# ------------------------------------------------------------------------- tokenizer training
+
+
+def test_train_tokenizer_cli_bpe_round_trip(tmp_path, capsys):
+    """`hybrid-megatron train-tokenizer`: an offline byte-level BPE that loads everywhere."""
+    from hybrid_megatron.cli import main as cli_main
+    from hybrid_megatron.eval.tasks import generate_samples
+
+    corpus = generate_corpus(
+        tmp_path / "corpus.jsonl", 300, seed=2, niah_fraction=0.3, passkey_fraction=0.3
+    )
+    out = tmp_path / "tok"
+    args = ["train-tokenizer", "--input", str(corpus), "--vocab-size", "400", "--output", str(out)]
+    assert cli_main(args) == 0
+    tok = build_tokenizer(str(out))
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 400
+    assert tok.decode([tok.eod]) == "<eod>" and tok.pad is not None and tok.pad != tok.eod
+    text = "The pass key is 90817. Ünïcode ✓ and tabs\tstay.\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text  # byte-level: lossless on text it never saw
+    assert [tok.decode([i]) for i in tok.encode("123 4567")] == [*"123", " ", *"4567"]
+    # Trained on the synthetic corpus, the niah prompt is several times shorter than bytes.
+    (sample,) = generate_samples("niah_single_1", tok, 200, 1, 0, max_new_tokens=12)
+    assert len(tok.encode(sample.prompt)) <= 200 < len(sample.prompt.encode()) / 2
+    # Usable by preprocessing; an existing tokenizer is never overwritten.
+    result = preprocess([corpus], tmp_path / "ds", tokenizer=str(out), log=None)
+    assert result.num_documents == 300
+    before = (out / "tokenizer.json").read_bytes()
+    assert cli_main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert cli_main([*args[:4], "100", "--output", str(tmp_path / "small")]) == 2
+    assert re.search(r"vocab_size=100 is too small.*>= 258", capsys.readouterr().err)
+    assert not (tmp_path / "small").exists()

@@ -161,7 +161,10 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _iter_documents(path: Path, json_key: str, txt_mode: str) -> Iterator[str]:
+def iter_file_documents(
+    path: Path, json_key: str = "text", txt_mode: str = "file"
+) -> Iterator[str]:
+    """Documents of one .jsonl (text under `json_key`) or .txt file (whole or per paragraph)."""
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path, json_key)
     elif txt_mode == "file":
@@ -247,7 +250,7 @@ def preprocess(
             for path in files:
                 docs_before = n_docs
                 batch: list[str] = []
-                for text in _iter_documents(path, json_key, txt_mode):
+                for text in iter_file_documents(path, json_key, txt_mode):
                     if not text.strip():
                         n_skipped += 1
                         continue
