@@ -186,12 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hybrid_megatron.reports.loss_curve import add_plot_subcommand
 
     add_plot_subcommand(sub)
-    from hybrid_megatron.data.cli import add_preprocess_subcommand
+    from hybrid_megatron.data.cli import add_preprocess_subcommand, add_train_tokenizer_subcommand
     from hybrid_megatron.hf.cli import add_convert_subcommands
 
     add_preprocess_subcommand(sub)
-    from hybrid_megatron.data.train_tokenizer import add_train_tokenizer_subcommand
-
     add_train_tokenizer_subcommand(sub)
 
     add_convert_subcommands(sub)

@@ -404,10 +404,9 @@ def validate_training(cfg: RunConfig) -> None:
                 "data.synthetic needs 0 < min_distance <= max_distance, got "
                 f"{s.min_distance}, {s.max_distance}."
             )
-        from hybrid_megatron.data.synthetic import check_mix
+        from hybrid_megatron.data.synthetic import MIX_FIELDS, check_mix
 
-        fractions = (s.niah_fraction, s.passkey_fraction, s.copy_fraction, s.repeat_fraction)
-        check_mix(fractions, None, "data.synthetic.")
+        check_mix(tuple(getattr(s, f) for f in MIX_FIELDS), None, "data.synthetic.")
         if s.fill_sequences and cfg.data.tokenizer != "byte":
             raise ConfigError(
                 "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "
@@ -420,15 +419,10 @@ def validate_training(cfg: RunConfig) -> None:
 
 def _check_documents_fit(cfg: RunConfig) -> None:
     """With fill_sequences, every mixed-in document kind must fit one training sequence."""
-    from hybrid_megatron.data.synthetic import smallest_document
+    from hybrid_megatron.data.synthetic import MIX_FIELDS, smallest_document
 
     s, room = cfg.data.synthetic, cfg.model.seq_length - 1
-    for key, kind in (
-        ("niah_fraction", "niah"),
-        ("passkey_fraction", "passkey_prompt"),
-        ("copy_fraction", "copy"),
-        ("repeat_fraction", "repeat"),
-    ):
+    for key, kind in MIX_FIELDS.items():
         need = smallest_document(kind, s.min_distance)
         if getattr(s, key) > 0 and need > room:
             raise ConfigError(

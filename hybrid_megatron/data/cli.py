@@ -1,4 +1,5 @@
-"""`hybrid-megatron preprocess`: raw .jsonl/.txt -> Megatron indexed dataset (.bin/.idx/.json).
+"""`hybrid-megatron preprocess`: raw .jsonl/.txt -> Megatron indexed dataset (.bin/.idx/.json);
+`hybrid-megatron train-tokenizer`: the same inputs -> a byte-level BPE tokenizer directory.
 
 Examples:
     hybrid-megatron preprocess --input data/train.jsonl --output-prefix data/train
@@ -14,18 +15,23 @@ Each document is followed by the tokenizer's end-of-document token.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hybrid_megatron.data.preprocess import TXT_MODES, preprocess
 
 
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.txt files or dirs")
+    parser.add_argument("--json-key", default="text", help="JSON key holding the text")
+    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_input_arguments(parser)
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.json")
     parser.add_argument(
         "--tokenizer", default="byte", help="'byte' (built-in) or a local HF tokenizer directory"
     )
-    parser.add_argument("--json-key", default="text", help="JSON key holding the text")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
     parser.add_argument("--batch-size", type=int, default=1024, help="documents per encode call")
     parser.add_argument(
         "--progress-interval", type=float, default=10.0, help="seconds between progress lines"
@@ -56,3 +62,34 @@ def add_preprocess_subcommand(subparsers) -> None:
     )
     add_preprocess_arguments(parser)
     parser.set_defaults(func=cmd_preprocess)
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from hybrid_megatron.data.train_tokenizer import train_tokenizer_from_files
+
+    train_tokenizer_from_files(
+        args.input,
+        args.vocab_size,
+        args.output,
+        json_key=args.json_key,
+        txt_mode=args.txt_mode,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    return 0
+
+
+def add_train_tokenizer_subcommand(subparsers) -> None:
+    from hybrid_megatron.data import train_tokenizer
+
+    doc = train_tokenizer.__doc__ or ""
+    parser = subparsers.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer on .jsonl/.txt files (offline)",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input_arguments(parser)
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--output", required=True, help="new tokenizer directory")
+    parser.set_defaults(func=cmd_train_tokenizer)

@@ -20,7 +20,7 @@ so every recorded distance lies in [min_distance, max_distance]. Documents are a
 100 + max_distance characters long, so with max_distance well under the training sequence
 length the fact and its query usually land in one sequence.
 
-Three more document kinds; the first two are the evaluation prompts themselves, followed by
+Four more document kinds; the first two are the evaluation prompts themselves, followed by
 their answer, so a tiny model can learn the exact formats it is evaluated on (templates and
 the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drift):
 
@@ -188,14 +188,14 @@ _MAX_ATTEMPTS = 8
 class Fact:
     """One stated-then-asked fact; offsets are character offsets into the document text."""
 
-    kind: str  # "kv", "passkey" (recall documents), "niah" or "passkey_prompt"
+    kind: str  # "kv", "passkey" (recall documents), "niah", "passkey_prompt", "copy", "repeat"
     key: str | None  # the 4-digit key for "kv", the word key for "niah", else None
-    value: str  # the answer: 5 digits (recall documents), 7 (niah), 1-5 (passkey_prompt)
+    value: str  # the answer: 5 digits (recall), 7 (niah), 1-5 (passkey_prompt), copied text
     statement_start: int  # the statement, needle or pass key line
     statement_end: int  # one past the statement's final period
     query_start: int  # start of the question
     answer_start: int  # offset of `value` inside the query
-    distance: int  # query_start - statement_end; for "copy", answer_start - statement_start
+    distance: int  # query_start - statement_end; copy/repeat: answer_start - statement_start
 
 
 @dataclass(frozen=True)
@@ -420,13 +420,25 @@ def generate_passkey_document(
     return SyntheticDocument(_pad(doc.text, length), doc.facts)
 
 
+def _copy_counts(min_distance: int, max_distance: int) -> tuple[int, int]:
+    """Bounds on k, the numbers in a copy block, for copies min..max_distance apart.
+
+    In "Copy: n1 ... nk. Again: n1 ... nk. " each character's copy sits len("n1 ... nk") +
+    len(". Again: ") = 6k + 8 characters after it; the block takes 12k + 13 characters.
+    """
+    lo = max(1, -(-(min_distance - 8) // 6))
+    return lo, max(lo, (max_distance - 8) // 6)
+
+
+def _copy_block_chars(k: int) -> int:
+    return 12 * k + 13
+
+
 def _copy_block(rng: random.Random, min_distance: int, max_distance: int) -> tuple[str, str]:
     """Random 5-digit numbers whose copy starts min..max_distance characters after them."""
-    # "Copy: n1 ... nk. Again: n1 ... nk.": each character's copy sits len("n1 ... nk") +
-    # len(". Again: ") = 6k + 8 characters after it.
-    lo = max(1, -(-(min_distance - 8) // 6))
-    hi = max(lo, (max_distance - 8) // 6)
-    nums = " ".join(random_number(rng, 5) for _ in range(rng.randint(lo, hi)))
+    nums = " ".join(
+        random_number(rng, 5) for _ in range(rng.randint(*_copy_counts(min_distance, max_distance)))
+    )
     return f"Copy: {nums}. Again: ", nums
 
 
@@ -439,7 +451,7 @@ def generate_copy_document(
     the repeat needs attention that reaches that far (beyond a sliding window shorter than
     min_distance). One block, or with `length` as many blocks as fit (then padded).
     """
-    if length is not None:  # a block "Copy: ... Again: ... " of k numbers takes 12k + 13
+    if length is not None:  # at most the numbers of one block that fits `length`
         max_distance = max(min_distance, min(max_distance, 6 * ((length - 13) // 12) + 8))
     text, facts = "", []
     while True:
@@ -489,13 +501,16 @@ def generate_repeat_document(
     return SyntheticDocument(_pad(text, length), (fact,))
 
 
-_MIX_FIELDS = ("niah_fraction", "passkey_fraction", "copy_fraction", "repeat_fraction")
+# Config / keyword name of each mixed-in kind's fraction, in `KINDS` order.
+MIX_FIELDS = dict(
+    zip(("niah_fraction", "passkey_fraction", "copy_fraction", "repeat_fraction"), KINDS[1:])
+)
 
 
 def check_mix(fractions: tuple[float, ...], doc_length: int | None, prefix: str = "") -> None:
     """Raise ConfigError unless the document-mix fractions and `doc_length` are usable."""
     if min(fractions) < 0 or sum(fractions) > 1:
-        given = ", ".join(f"{prefix}{k}={v}" for k, v in zip(_MIX_FIELDS, fractions))
+        given = ", ".join(f"{prefix}{k}={v}" for k, v in zip(MIX_FIELDS, fractions))
         raise ConfigError(
             f"{given}: fractions must be >= 0 with a sum <= 1 (the rest are recall documents)."
         )
@@ -504,7 +519,7 @@ def check_mix(fractions: tuple[float, ...], doc_length: int | None, prefix: str 
 
 
 def smallest_document(kind: str, min_distance: int) -> int:
-    """Characters of the shortest possible niah / passkey_prompt / copy document.
+    """Characters of the shortest possible niah / passkey_prompt / copy / repeat document.
 
     With `doc_length` shorter than this, such documents overflow their training sequence
     (so `fill_sequences` no longer gives one whole document per sequence).
@@ -515,7 +530,7 @@ def smallest_document(kind: str, min_distance: int) -> int:
     if kind == "passkey_prompt":
         return len(_passkey_text(_PASSKEY_KEYS[1], 0.0, 0).text)
     if kind == "copy":
-        return 12 * max(1, -(-(min_distance - 8) // 6)) + 13
+        return _copy_block_chars(_copy_counts(min_distance, min_distance)[0])
     if kind == "repeat":
         return len(_REPEAT_HEAD) + 2 * min_distance - len(_REPEAT_SEP)
     raise ValueError(f"no smallest size for document kind {kind!r}")

@@ -17,7 +17,7 @@ tokens, about 110 with 512 BPE tokens trained on the synthetic corpus).
 from __future__ import annotations
 
 import os
-import sys
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -86,12 +86,15 @@ def train_bpe_tokenizer(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOD_TOKEN, pad_token=PAD_TOKEN
     )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    fast.save_pretrained(str(tmp))
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fast.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left over if saving failed
     return out
 
 
@@ -114,34 +117,3 @@ def train_tokenizer_from_files(
     if log:
         log(f"wrote a {vocab_size}-token byte-level BPE tokenizer to {out}")
     return out
-
-
-def add_train_tokenizer_subcommand(subparsers) -> None:
-    import argparse
-
-    doc = __doc__ or ""
-    parser = subparsers.add_parser(
-        "train-tokenizer",
-        help="train a byte-level BPE tokenizer on .jsonl/.txt files (offline)",
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.txt files or dirs")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--output", required=True, help="new tokenizer directory")
-    parser.add_argument("--json-key", default="text", help="JSON key holding the text")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
-
-    def run(args: argparse.Namespace) -> int:
-        train_tokenizer_from_files(
-            args.input,
-            args.vocab_size,
-            args.output,
-            json_key=args.json_key,
-            txt_mode=args.txt_mode,
-            log=lambda msg: print(msg, file=sys.stderr),
-        )
-        return 0
-
-    parser.set_defaults(func=run)

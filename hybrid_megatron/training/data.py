@@ -22,7 +22,7 @@ from hybrid_megatron.config import RunConfig
 from hybrid_megatron.data.datasets import Datasets, build_datasets
 from hybrid_megatron.data.errors import DataError
 from hybrid_megatron.data.preprocess import preprocess
-from hybrid_megatron.data.synthetic import generate_corpus
+from hybrid_megatron.data.synthetic import MIX_FIELDS, generate_corpus
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -31,10 +31,7 @@ def synthetic_mix(cfg: RunConfig) -> dict:
     """The document-mix options of the built-in corpus (`iter_documents` keyword args)."""
     s = cfg.data.synthetic
     return {
-        "niah_fraction": s.niah_fraction,
-        "passkey_fraction": s.passkey_fraction,
-        "copy_fraction": s.copy_fraction,
-        "repeat_fraction": s.repeat_fraction,
+        **{field: getattr(s, field) for field in MIX_FIELDS},
         "doc_length": cfg.model.seq_length - 1 if s.fill_sequences else None,
     }
 
