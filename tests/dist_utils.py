@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -13,6 +15,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _to_bytes(value) -> bytes:
+    """Serialized result: tensors put on the queue as-is travel as shared-memory file
+    descriptors that vanish when the worker exits before the parent reads them."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -25,7 +35,7 @@ def _worker(rank, world_size, port, fn, args, queue):
         OMP_NUM_THREADS="1",
     )
     try:
-        queue.put((rank, "ok", fn(*args)))
+        queue.put((rank, "ok", _to_bytes(fn(*args))))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -53,7 +63,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 for p in procs:  # peers would wait on a collective until timeout
                     p.kill()
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)
