@@ -140,6 +140,9 @@ class SyntheticDataConfig:
     # Fraction of "Repeat: {words} | {words} | ..." documents (dense look-back-and-copy signal
     # from which an induction circuit forms; copies min..max_distance characters apart).
     repeat_fraction: float = 0.0
+    # Longest niah / passkey haystack in characters (default: max_distance). Set it near the
+    # evaluated prompt length while max_distance stays short for the repeat/copy documents.
+    max_haystack: int | None = None
     # Make every document exactly model.seq_length - 1 characters (+ EOD = one sequence with
     # the byte tokenizer), so each training sequence is one whole document from position 0.
     fill_sequences: bool = False
@@ -407,6 +410,11 @@ def validate_training(cfg: RunConfig) -> None:
         from hybrid_megatron.data.synthetic import MIX_FIELDS, check_mix
 
         check_mix(tuple(getattr(s, f) for f in MIX_FIELDS), None, "data.synthetic.")
+        if s.max_haystack is not None and s.max_haystack < s.min_distance:
+            raise ConfigError(
+                f"data.synthetic.max_haystack={s.max_haystack} is below min_distance="
+                f"{s.min_distance}; raise it, or leave it unset (= max_distance)."
+            )
         if s.fill_sequences and cfg.data.tokenizer != "byte":
             raise ConfigError(
                 "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "

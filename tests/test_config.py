@@ -658,6 +658,9 @@ def test_synthetic_mix_errors_name_the_key(tmp_path):
         )
     load_config(tiny, [*fill, "data.synthetic.niah_fraction=0.3", "model.seq_length=512"])
     load_config(tiny, [*fill, "data.synthetic.passkey_fraction=0.3"])
+    with pytest.raises(ConfigError, match=r"max_haystack=8 is below min_distance=16"):
+        load_config(tiny, ["data.synthetic.max_haystack=8"])
+    assert load_config(tiny, ["data.synthetic.max_haystack=700"]).data.synthetic.max_haystack == 700
 
 
 # --------------------------------------------------------------------------- vocab padding

@@ -30,6 +30,7 @@ from hybrid_megatron.data.errors import DataError
 from hybrid_megatron.data.preprocess import preprocess, read_sidecar
 from hybrid_megatron.data.synthetic import generate_corpus, iter_documents
 from hybrid_megatron.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from hybrid_megatron.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
@@ -245,6 +246,28 @@ def test_generator_eval_format_documents(doc_length):
     # Whole-sequence documents: the haystack grows to fill the length.
     if doc_length is not None:
         assert min(len(d.text) for d in docs if d.facts[0].kind == "niah") == doc_length
+
+
+def test_max_haystack_sizes_eval_prompts_apart_from_repeat_distances():
+    """max_haystack stretches niah/passkey haystacks; repeat distances keep max_distance."""
+    mix = {"niah_fraction": 0.4, "passkey_fraction": 0.3, "repeat_fraction": 0.3}
+    docs = list(iter_documents(600, seed=3, min_distance=10, max_distance=120, **mix))
+    wide = list(
+        iter_documents(600, seed=3, min_distance=10, max_distance=120, max_haystack=800, **mix)
+    )
+
+    def longest(kind: str, corpus: list) -> int:
+        return max(d.facts[0].query_start - d.facts[0].statement_end for d in corpus
+                   if d.facts[0].kind == kind)  # fmt: skip
+
+    # Needle-to-question distance: 0..1 noise lines (120 // 92) vs up to 8 (800 // 92).
+    assert longest("niah", docs) <= 2 * 92 < 6 * 92 < longest("niah", wide) <= 9 * 92
+    assert longest("passkey_prompt", docs) <= 120 + 100 < 600 < longest("passkey_prompt", wide)
+    for doc in wide:
+        if doc.facts[0].kind == "repeat":
+            assert 10 <= doc.facts[0].distance <= 120
+    with pytest.raises(ConfigError, match=r"max_haystack=5 is below min_distance=10"):
+        next(iter_documents(1, min_distance=10, max_distance=120, max_haystack=5))
 
 
 @pytest.mark.parametrize("min_distance, max_distance", [(16, 30), (40, 200), (100, 150)])

@@ -26,10 +26,10 @@ the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drif
 
 * niah:    RULER niah_single_1 (noise haystack, one needle "One of the special magic numbers
   for {word-key} is: {7 digits}.", question, answer prefix) + " {value}."; the haystack
-  holds 0..max_distance // 92 noise lines, the needle goes at a random depth.
-* passkey_prompt:  the passkey prompt (description, min..max_distance filler characters with
-  "The pass key is {key}. Remember it. {key} is the pass key." at a random depth, question)
-  + " The pass key is {key}."
+  holds 0..max_haystack // 92 noise lines, the needle goes at a random depth.
+* passkey_prompt:  the passkey prompt (description, min_distance..max_haystack filler
+  characters with "The pass key is {key}. Remember it. {key} is the pass key." at a random
+  depth, question) + " The pass key is {key}."
 * copy:    blocks "Copy: {5-digit numbers}. Again: {the same numbers}." whose repeat starts
   min_distance..max_distance characters after the original (in-context copying practice).
 * repeat:  "Repeat: {s} | {s} | {s} ..." where s is a string of random lowercase words whose
@@ -39,13 +39,16 @@ the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drif
   and copy) circuit form in a small model; eval-format documents alone are too sparse.
 
 `niah_fraction`, `passkey_fraction`, `copy_fraction` and `repeat_fraction` of the documents
-are of these kinds;
-the rest are the recall documents above. With `doc_length` set, every document is exactly
-`doc_length` characters: niah/passkey haystacks grow to fill it, copy documents hold as many
-blocks as fit, and the remainder is padded with noise text (a document whose smallest form
-is longer stays longer). With the byte tokenizer and doc_length = seq_length - 1, each
-training sequence is then exactly one document that starts at position 0, as the evaluation
-prompts do, and no fact is cut off by a sequence boundary.
+are of these kinds; the rest are the recall documents above. `max_haystack` (default
+`max_distance`) sizes the niah and passkey haystacks apart from the look-back distances, so
+eval-format prompts can span the evaluated lengths while repeats stay short enough to learn.
+
+With `doc_length` set, every document is exactly `doc_length` characters: niah/passkey
+haystacks grow to fill it, copy documents hold as many blocks as fit, and the remainder is
+padded with noise text (a document whose smallest form is longer stays longer). With the
+byte tokenizer and doc_length = seq_length - 1, each training sequence is then exactly one
+document that starts at position 0, as the evaluation prompts do, and no fact is cut off by
+a sequence boundary.
 
 Document i depends only on (seed, i) and the options: a larger corpus with the same seed
 starts with the same documents, and with all fractions 0 and no `doc_length` the documents
@@ -518,6 +521,18 @@ def check_mix(fractions: tuple[float, ...], doc_length: int | None, prefix: str 
         raise ConfigError(f"doc_length={doc_length}; use doc_length >= 1 or leave it unset.")
 
 
+def _check_haystack(max_haystack: int | None, min_distance: int, max_distance: int) -> int:
+    """`max_haystack`, defaulting to `max_distance`; ConfigError if below `min_distance`."""
+    if max_haystack is None:
+        return max_distance
+    if max_haystack < min_distance:
+        raise ConfigError(
+            f"max_haystack={max_haystack} is below min_distance={min_distance}; use "
+            "max_haystack >= min_distance, or leave it unset (= max_distance)."
+        )
+    return max_haystack
+
+
 def smallest_document(kind: str, min_distance: int) -> int:
     """Characters of the shortest possible niah / passkey_prompt / copy / repeat document.
 
@@ -564,18 +579,20 @@ def iter_documents(
     copy_fraction: float = 0.0,
     repeat_fraction: float = 0.0,
     doc_length: int | None = None,
+    max_haystack: int | None = None,
 ) -> Iterator[SyntheticDocument]:
     """Documents 0..num_docs-1; document i depends only on (seed, i) and the options."""
     _check_args(min_distance, max_distance, max_facts)
     fractions = (niah_fraction, passkey_fraction, copy_fraction, repeat_fraction)
     check_mix(fractions, doc_length)
+    haystack = _check_haystack(max_haystack, min_distance, max_distance)
     for i in range(num_docs):
         rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
         kind = document_kind(seed, i, fractions)
         if kind == "niah":
-            yield generate_niah_document(rng, max_distance // _NOISE_LINE, doc_length)
+            yield generate_niah_document(rng, haystack // _NOISE_LINE, doc_length)
         elif kind == "passkey_prompt":
-            yield generate_passkey_document(rng, min_distance, max_distance, doc_length)
+            yield generate_passkey_document(rng, min_distance, haystack, doc_length)
         elif kind == "copy":
             yield generate_copy_document(rng, min_distance, max_distance, doc_length)
         elif kind == "repeat":
@@ -598,6 +615,7 @@ def generate_corpus(
     copy_fraction: float = 0.0,
     repeat_fraction: float = 0.0,
     doc_length: int | None = None,
+    max_haystack: int | None = None,
     include_facts: bool = False,
 ) -> Path:
     """Write `num_docs` documents as JSONL lines ``{"text": ...}`` to `path` and return it.
@@ -607,6 +625,7 @@ def generate_corpus(
     """
     _check_args(min_distance, max_distance, max_facts)
     check_mix((niah_fraction, passkey_fraction, copy_fraction, repeat_fraction), doc_length)
+    _check_haystack(max_haystack, min_distance, max_distance)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
     path = Path(path)
@@ -622,6 +641,7 @@ def generate_corpus(
         copy_fraction=copy_fraction,
         repeat_fraction=repeat_fraction,
         doc_length=doc_length,
+        max_haystack=max_haystack,
     )
     with path.open("w", encoding="utf-8") as f:
         for doc in docs:
@@ -647,6 +667,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copy-fraction", type=float, default=0.0)
     parser.add_argument("--repeat-fraction", type=float, default=0.0)
     parser.add_argument("--doc-length", type=int, default=None)
+    parser.add_argument(
+        "--max-haystack", type=int, default=None, help="niah/passkey haystack characters"
+    )
     parser.add_argument("--include-facts", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -662,6 +685,7 @@ def main(argv: list[str] | None = None) -> None:
             copy_fraction=args.copy_fraction,
             repeat_fraction=args.repeat_fraction,
             doc_length=args.doc_length,
+            max_haystack=args.max_haystack,
             include_facts=args.include_facts,
         )
     except ConfigError as err:

@@ -95,8 +95,8 @@ class HFTokenizer:
         if not p.exists():
             raise DataError(
                 f"tokenizer path '{path}' does not exist. Pass 'byte' for the built-in byte "
-                "tokenizer, or a local directory saved with `tokenizer.save_pretrained(DIR)` "
-                "(downloads are disabled)."
+                "tokenizer, or a local directory written by `hybrid-megatron train-tokenizer` or "
+                "`tokenizer.save_pretrained(DIR)` (downloads are disabled)."
             )
         if not p.is_dir() or not any((p / f).is_file() for f in _HF_TOKENIZER_FILES):
             raise DataError(

@@ -45,8 +45,8 @@ def recall_items(
     """Facts of held-out documents whose value ends within `seq_length` tokens.
 
     `mix` takes `iter_documents`' document-mix options (niah_fraction, passkey_fraction,
-    copy_fraction, repeat_fraction, doc_length), so the probe covers the kinds the model was
-    trained on.
+    copy_fraction, repeat_fraction, doc_length, max_haystack), so the probe covers the kinds
+    the model was trained on.
     """
     items = []
     docs = iter_documents(

@@ -33,6 +33,7 @@ def synthetic_mix(cfg: RunConfig) -> dict:
     return {
         **{field: getattr(s, field) for field in MIX_FIELDS},
         "doc_length": cfg.model.seq_length - 1 if s.fill_sequences else None,
+        "max_haystack": s.max_haystack,
     }
 
 
