@@ -201,7 +201,8 @@ def test_generator_eval_format_documents(doc_length):
         )
     )
     plain = list(iter_documents(400, seed=5, min_distance=40, max_distance=120))
-    counts = {"niah": 0, "passkey_prompt": 0, "copy": 0, "repeat": 0, "kv": 0, "passkey": 0}
+    counts = {"niah": 0, "passkey_prompt": 0, "copy": 0, "repeat": 0, "kv": 0, "passkey": 0,
+              "repeat_numbers": 0}  # fmt: skip
     for doc, recall_doc in zip(docs, plain):
         text, fact = doc.text, doc.facts[0]
         counts[fact.kind] += 1
@@ -222,7 +223,9 @@ def test_generator_eval_format_documents(doc_length):
             (f,) = doc.facts
             copies = text.split("\n")[0].removeprefix("Repeat: ").split(" | ")
             assert len(copies) >= (3 if doc_length is None else 4)
-            assert set(copies) == {f.value} and re.fullmatch(r"[a-z]+( [a-z]+)*", f.value)
+            assert len(text) >= (6 * 120 if doc_length is None else doc_length)  # mostly copies
+            assert set(copies) == {f.value} and re.fullmatch(r"[a-z0-9]+( [a-z0-9]+)*", f.value)
+            counts["repeat_numbers"] += any(c.isdigit() for c in f.value)
             assert text[f.answer_start : f.answer_start + len(f.value)] == f.value
             assert f.answer_start - f.statement_start == f.distance and 40 <= f.distance <= 120
             continue
@@ -242,7 +245,7 @@ def test_generator_eval_format_documents(doc_length):
             assert prompt.endswith(passkey.QUESTION + passkey.ANSWER_PREFIX)
             assert 1 <= int(fact.value) <= 99999
         assert fact.statement_end <= fact.query_start < fact.answer_start
-    assert min(counts.values()) > 15, counts
+    assert min(counts.values()) > 15 and counts["repeat_numbers"] < counts["repeat"], counts
     # Whole-sequence documents: the haystack grows to fill the length.
     if doc_length is not None:
         assert min(len(d.text) for d in docs if d.facts[0].kind == "niah") == doc_length
@@ -603,17 +606,21 @@ def test_missing_helpers_message(monkeypatch):
 
 
 def test_recall_probe_covers_repeat_documents_with_letter_chance():
-    """Repeat documents enter the recall probe; chance counts letters (26 ** -n), not digits."""
+    """Repeat documents enter the recall probe; chance counts letters (26 ** -n) and digits."""
     from hybrid_megatron.eval.recall import recall_items
 
     items = recall_items(ByteTokenizer(), 20, 256, min_distance=16, max_distance=60,
                          repeat_fraction=1.0)  # fmt: skip
     assert len(items) == 20 and {it.kind for it in items} == {"repeat"}
+    with_digits = 0
     for it in items:
         value = bytes(it.tokens[it.value_start :]).decode()
-        letters = sum(c.isalpha() for c in value)
-        assert letters >= 10 and it.chance == pytest.approx(26.0**-letters)
+        letters, digits = sum(c.isalpha() for c in value), sum(c.isdigit() for c in value)
+        assert letters + digits >= 10
+        assert it.chance == pytest.approx(26.0**-letters * 10.0**-digits)
         assert bytes(it.tokens[: it.value_start]).decode().endswith(value + " | ")
+        with_digits += digits > 0
+    assert 0 < with_digits < len(items)  # half of the repeat documents mix in numbers
 
 
 # ------------------------------------------------------------------------- tokenizer training

@@ -33,10 +33,13 @@ the passkey renderer come from `hybrid_megatron.eval.tasks`, so they cannot drif
 * copy:    blocks "Copy: {5-digit numbers}. Again: {the same numbers}." whose repeat starts
   min_distance..max_distance characters after the original (in-context copying practice).
 * repeat:  "Repeat: {s} | {s} | {s} ..." where s is a string of random lowercase words whose
-  copies are min_distance..max_distance characters apart. Almost every token after the first
-  copy is predictable only by looking back one copy, and letters (unlike digits) rarely
-  repeat by chance, so this dense, unambiguous signal is what lets an induction (look back
-  and copy) circuit form in a small model; eval-format documents alone are too sparse.
+  copies are min_distance..max_distance characters apart, over 6 x max_distance characters.
+  Almost every token after the first copy is predictable only by looking back one copy, and
+  letters (unlike digits) rarely repeat by chance, so this dense, unambiguous signal is what
+  lets an induction (look back and copy) circuit form in a small model; eval-format
+  documents alone are too sparse. In half of the repeat documents, half of the words are
+  7-digit numbers instead: copying digit runs (what niah answers need) is then practised
+  between unambiguous word anchors.
 
 `niah_fraction`, `passkey_fraction`, `copy_fraction` and `repeat_fraction` of the documents
 are of these kinds; the rest are the recall documents above. `max_haystack` (default
@@ -471,17 +474,21 @@ def generate_copy_document(
     return SyntheticDocument(_pad(text.rstrip(), length), tuple(facts))
 
 
-def _random_words(rng: random.Random, length: int) -> str:
-    """Random lowercase words (3..7 letters) joined by spaces, exactly `length` characters."""
+def _random_items(rng: random.Random, length: int, numbers: bool = False) -> str:
+    """Random lowercase words (3..7 letters), with `numbers` half of them 7-digit numbers
+    instead, joined by spaces; exactly `length` characters."""
     text = ""
     while len(text) < length:
-        text += (" " if text else "") + "".join(
-            rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7))
-        )
+        if numbers and rng.random() < 0.5:
+            item = random_number(rng)
+        else:
+            item = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+        text += (" " if text else "") + item
     return text[:length].rstrip() or "a"
 
 
 _REPEAT_HEAD, _REPEAT_SEP = "Repeat: ", " | "
+_REPEAT_SPAN = 6  # a repeat document spans at least this many times max_distance characters
 
 
 def generate_repeat_document(
@@ -489,14 +496,21 @@ def generate_repeat_document(
 ) -> SyntheticDocument:
     """ "Repeat: {s} | {s} | ..." with consecutive copies min..max_distance characters apart.
 
-    Three copies, or with `length` as many as fit (at least two; then padded). One fact: the
-    second copy, `distance` characters after the first.
+    s is random words, in half of the documents mixed with 7-digit numbers. Copies continue
+    until the text spans `_REPEAT_SPAN` x max_distance characters (at least three copies), so
+    most of a repeat document's tokens are predictable by looking back; with `length`, as many
+    as fit (at least two; then padded). One fact: the second copy, `distance` characters after
+    the first.
     """
     hi = max_distance if length is None else (length - len(_REPEAT_HEAD)) // 2
     distance = rng.randint(min_distance, max(min_distance, min(max_distance, hi)))
-    words = _random_words(rng, max(1, distance - len(_REPEAT_SEP)))
+    numbers = rng.random() < 0.5
+    words = _random_items(rng, max(1, distance - len(_REPEAT_SEP)), numbers)
     step = len(words) + len(_REPEAT_SEP)
-    copies = 3 if length is None else max(2, (length - len(_REPEAT_HEAD) + 3) // step)
+    if length is None:
+        copies = max(3, -(-(_REPEAT_SPAN * max_distance - len(_REPEAT_HEAD) + 3) // step))
+    else:
+        copies = max(2, (length - len(_REPEAT_HEAD) + 3) // step)
     text = _REPEAT_HEAD + _REPEAT_SEP.join([words] * copies)
     start = len(_REPEAT_HEAD)
     fact = Fact("repeat", None, words, start, start + len(words), start + len(words),
