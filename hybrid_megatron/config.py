@@ -407,14 +407,10 @@ def validate_training(cfg: RunConfig) -> None:
                 "data.synthetic needs 0 < min_distance <= max_distance, got "
                 f"{s.min_distance}, {s.max_distance}."
             )
-        from hybrid_megatron.data.synthetic import MIX_FIELDS, check_mix
+        from hybrid_megatron.data.synthetic import MIX_FIELDS, check_haystack, check_mix
 
         check_mix(tuple(getattr(s, f) for f in MIX_FIELDS), None, "data.synthetic.")
-        if s.max_haystack is not None and s.max_haystack < s.min_distance:
-            raise ConfigError(
-                f"data.synthetic.max_haystack={s.max_haystack} is below min_distance="
-                f"{s.min_distance}; raise it, or leave it unset (= max_distance)."
-            )
+        check_haystack(s.max_haystack, s.min_distance, s.max_distance, "data.synthetic.")
         if s.fill_sequences and cfg.data.tokenizer != "byte":
             raise ConfigError(
                 "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "

@@ -535,13 +535,15 @@ def check_mix(fractions: tuple[float, ...], doc_length: int | None, prefix: str 
         raise ConfigError(f"doc_length={doc_length}; use doc_length >= 1 or leave it unset.")
 
 
-def _check_haystack(max_haystack: int | None, min_distance: int, max_distance: int) -> int:
+def check_haystack(
+    max_haystack: int | None, min_distance: int, max_distance: int, prefix: str = ""
+) -> int:
     """`max_haystack`, defaulting to `max_distance`; ConfigError if below `min_distance`."""
     if max_haystack is None:
         return max_distance
     if max_haystack < min_distance:
         raise ConfigError(
-            f"max_haystack={max_haystack} is below min_distance={min_distance}; use "
+            f"{prefix}max_haystack={max_haystack} is below min_distance={min_distance}; use "
             "max_haystack >= min_distance, or leave it unset (= max_distance)."
         )
     return max_haystack
@@ -599,7 +601,7 @@ def iter_documents(
     _check_args(min_distance, max_distance, max_facts)
     fractions = (niah_fraction, passkey_fraction, copy_fraction, repeat_fraction)
     check_mix(fractions, doc_length)
-    haystack = _check_haystack(max_haystack, min_distance, max_distance)
+    haystack = check_haystack(max_haystack, min_distance, max_distance)
     for i in range(num_docs):
         rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
         kind = document_kind(seed, i, fractions)
@@ -639,7 +641,7 @@ def generate_corpus(
     """
     _check_args(min_distance, max_distance, max_facts)
     check_mix((niah_fraction, passkey_fraction, copy_fraction, repeat_fraction), doc_length)
-    _check_haystack(max_haystack, min_distance, max_distance)
+    check_haystack(max_haystack, min_distance, max_distance)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
     path = Path(path)
