@@ -258,6 +258,17 @@ def test_missing_data_prefix_fails_before_training(tmp_path):
     assert not (run_dir / "checkpoints").exists()
 
 
+def test_missing_tokenizer_fails_before_generating_the_corpus(tmp_path):
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.data.errors import DataError
+    from hybrid_megatron.training.data import synthetic_prefix
+
+    cfg = load_config(TINY, [f"data.tokenizer={tmp_path / 'no_tokenizer'}"])
+    with pytest.raises(DataError, match=r"no_tokenizer' does not exist.*train-tokenizer"):
+        synthetic_prefix(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists()  # nothing written before the check
+
+
 def test_vocab_mismatch_fails_before_training(tmp_path):
     proc = _run(tmp_path / "run", "model.vocab_size=200")
     assert proc.returncode == 2

@@ -23,6 +23,7 @@ from hybrid_megatron.data.datasets import Datasets, build_datasets
 from hybrid_megatron.data.errors import DataError
 from hybrid_megatron.data.preprocess import preprocess
 from hybrid_megatron.data.synthetic import MIX_FIELDS, generate_corpus
+from hybrid_megatron.data.tokenizer import build_tokenizer
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -59,6 +60,7 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
         and prefix.with_suffix(".idx").is_file()
     )
     if not ready and _is_rank0():
+        tokenizer = build_tokenizer(cfg.data.tokenizer)  # a bad path fails before generating
         data_dir.mkdir(parents=True, exist_ok=True)
         jsonl = generate_corpus(
             data_dir / "synthetic_recall.jsonl",
@@ -69,7 +71,7 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
             max_facts=s.max_facts,
             **synthetic_mix(cfg),
         )
-        preprocess([jsonl], prefix, tokenizer=cfg.data.tokenizer, log=None)
+        preprocess([jsonl], prefix, tokenizer=tokenizer, log=None)
         params_file.write_text(json.dumps(params, indent=1))
     if dist.is_initialized():
         dist.barrier()
