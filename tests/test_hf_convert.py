@@ -247,22 +247,50 @@ REMOTE_SCRIPT = textwrap.dedent(
     import importlib.util, json, sys
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
-    sys.path[:] = [p for p in sys.path if p and not p.startswith(REPO)]
+    sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != REPO]  # (a venv may live inside)
     sys.path_importer_cache.clear()
     assert importlib.util.find_spec("hybrid_megatron") is None, "package still importable"
     import torch
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
+    from transformers import __version__ as transformers_version
     model = AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True).eval()
     eos = AutoTokenizer.from_pretrained(HF_DIR, trust_remote_code=True).eos_token_id
     tokens = torch.tensor(json.loads(TOKENS))
+    config = model.generation_config
+
+    def by_full_forwards(ids, steps, eos):
+        # Greedy decoding with one uncached full forward per token; rows stop at EOS.
+        seq, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool)
+        for _ in range(steps):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, config.pad_token_id), nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if done.all():
+                break
+        return seq.tolist()
+
+    checks = []
     with torch.no_grad():
         logits = model(tokens).logits
-        generated = model.generate(tokens[:1, :20], max_new_tokens=5, do_sample=False)
+        for batch in (1, 2):
+            for length in (WINDOW - 3, 3 * WINDOW + 2):  # shorter / longer than the window
+                ids = tokens[:batch, :length]
+                generated = model.generate(ids, max_new_tokens=10)  # default generation config
+                # An EOS the model emits mid-way (row 0, 4th new token) must stop that row.
+                early = generated[0, length + 3].item()
+                stopped = model.generate(ids, max_new_tokens=10, eos_token_id=early)
+                checks.append({
+                    "batch": batch, "length": length,
+                    "generated": generated.tolist(), "reference": by_full_forwards(ids, 10, eos),
+                    "stopped": stopped.tolist(), "stopped_ref": by_full_forwards(ids, 10, early),
+                })
     model.save_pretrained("resaved")  # a remote-code model ships its own sources again
     import os
     print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(),
-                      "generated": generated.tolist(), "eos": eos,
+                      "checks": checks, "eos": eos, "do_sample": config.do_sample,
+                      "config_eos": config.eos_token_id, "transformers": transformers_version,
                       "resaved": sorted(f for f in os.listdir("resaved") if f.endswith(".py"))}))
     """
 )
@@ -275,7 +303,7 @@ def test_converted_dir_loads_with_remote_code_without_the_package(converted, tmp
     root, tp2_logits, _ = converted
     repo = str(Path(__file__).resolve().parents[1])
     tokens = _tokens()
-    header = f"REPO = {repo!r}\nHF_DIR = {str(root / 'hf')!r}\n"
+    header = f"REPO = {repo!r}\nHF_DIR = {str(root / 'hf')!r}\nWINDOW = {MODEL['swa']['window']}\n"
     header += f"TOKENS = {json.dumps(tokens.tolist())!r}\n"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -295,9 +323,17 @@ def test_converted_dir_loads_with_remote_code_without_the_package(converted, tmp
     assert (tmp_path / "resaved" / "ssd.py").read_text() == (root / "hf" / "ssd.py").read_text()
     logits = torch.tensor(result["logits"])[..., : MODEL["vocab_size"]]
     assert (logits - tp2_logits).abs().max() <= 1e-4
+    # Greedy generate() under the default generation config (greedy, EOS 1) equals decoding
+    # by repeated full forwards, for prompts shorter and longer than the window, batch 1 and 2.
+    assert not result["do_sample"] and result["config_eos"] == 1
+    assert len(result["checks"]) == 4
+    for check in result["checks"]:
+        assert check["generated"] == check["reference"], (check["batch"], check["length"])
+        assert check["stopped"] == check["stopped_ref"], (check["batch"], check["length"])
+        assert check["stopped"][0] != check["generated"][0]  # row 0 stopped at the early EOS
     local = HybridMegatronForCausalLM.from_pretrained(root / "hf").eval()
-    expected = local.generate(tokens[:1, :20], max_new_tokens=5, do_sample=False)
-    assert result["generated"] == expected.tolist()
+    expected = local.generate(tokens[:2, : result["checks"][-1]["length"]], max_new_tokens=10)
+    assert result["checks"][-1]["generated"] == expected.tolist()
 
 
 # ------------------------------------------------------------------ refusals

@@ -58,15 +58,69 @@ def test_cached_decoding_equals_full_forward():
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
 
 
+def greedy_by_full_forwards(model, ids: torch.Tensor, steps: int, eos=None, pad=0):
+    """Reference decoding: a full forward without cache per token; rows stop at EOS (then pad)."""
+    seq, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if eos is not None:
+            done |= nxt == eos
+            if done.all():
+                break
+    return seq
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("length", [WINDOW - 2, 3 * WINDOW + 1])  # shorter / longer than W
 @torch.no_grad()
-def test_greedy_generate_equals_repeated_full_forwards():
-    model, ids = tiny_model(), prompt(2, 3 * WINDOW + 1)
+def test_greedy_generate_equals_repeated_full_forwards(batch, length):
+    model, ids = tiny_model(), prompt(batch, length)
     generated = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
-    seq = ids
-    for _ in range(12):
-        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(generated, seq)
+    assert torch.equal(generated, greedy_by_full_forwards(model, ids, 12))
+    # With an EOS that row 0 produces mid-way: generation stops there (pads the other rows).
+    eos = int(generated[0, length + 4])
+    stopped = model.generate(
+        ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=95
+    )
+    assert torch.equal(stopped, greedy_by_full_forwards(model, ids, 12, eos=eos, pad=95))
+
+
+@torch.no_grad()
+def test_cache_is_read_under_every_name_transformers_uses():
+    """transformers 5.24 passes `cache=`, older releases `past_key_values=`: same result."""
+    model, ids = tiny_model(), prompt(2, 2 * WINDOW)
+    full = model(ids, use_cache=False).logits[:, -1]
+    for name in ("past_key_values", "cache", "cache_params"):
+        cache = model(ids[:, :-1], use_cache=True)[1]
+        assert isinstance(cache, HybridMegatronCache)
+        for forward in (model, model.model):  # the LM head and the base model
+            state = HybridMegatronCache(model.config)
+            out = forward(ids[:, :-1], **{name: state})
+            assert state.get_seq_length() == 2 * WINDOW - 1, f"{name} ignored by {forward}"
+            del out
+        inputs = model.prepare_inputs_for_generation(ids, **{name: cache}, use_cache=True)
+        assert inputs["past_key_values"] is cache and inputs["input_ids"].shape[1] == 1
+        last = model(ids[:, -1:], **{name: cache}).logits[:, -1]
+        assert (last - full).abs().max() < 1e-4, name
+
+
+def test_caches_it_cannot_use_are_refused_not_dropped():
+    from transformers import DynamicCache
+
+    model, ids = tiny_model(), prompt(1, 4)
+    cache = HybridMegatronCache(model.config)
+    with pytest.raises(ValueError, match="several names"):
+        model(ids, past_key_values=cache, cache=HybridMegatronCache(model.config))
+    with pytest.raises(TypeError, match="HybridMegatronCache"):
+        model(ids, cache=DynamicCache())
+    with pytest.raises(TypeError, match="past_cache.*do not read"):
+        model(ids, past_cache=cache)  # a future rename would land here
+    with pytest.raises(TypeError, match="do not read"):
+        model.model(ids, state=cache)
+    with pytest.raises(TypeError, match="do not read"):
+        model.prepare_inputs_for_generation(ids, memory=cache)
 
 
 @torch.no_grad()

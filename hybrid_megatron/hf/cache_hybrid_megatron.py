@@ -13,6 +13,11 @@ One state object per layer:
 `HybridMegatronCache` subclasses transformers' `Cache` so `generate()` treats it as a cache,
 but keeps its own per-layer states (transformers' layer classes change between versions).
 Rolling back tokens (`crop`) is impossible for recurrent states and is refused.
+
+transformers has handed the cache to models under different names over its versions
+(`past_key_values` up to 5.23, `cache` from 5.24, `cache_params` for Mamba-style models):
+`take_cache` accepts each of them and refuses what the model could not use, so a renamed
+argument can never again silently start every decoding step from an empty cache.
 This file is shipped next to converted weights (remote code).
 """
 
@@ -275,3 +280,44 @@ class HybridMegatronCache(Cache):
     def nbytes_per_layer(self) -> list[int]:
         """Bytes of tensor storage each layer's state holds (memory checks, benchmarks)."""
         return [s.nbytes() for s in self.layers]
+
+
+# Keyword names under which transformers versions pass a generation cache to a model.
+CACHE_ARGUMENT_NAMES = ("past_key_values", "cache", "cache_params")
+
+
+def take_cache(kwargs: dict[str, Any]) -> HybridMegatronCache | None:
+    """Pop the cache from `kwargs`, under whichever name it came; refuse what cannot be used.
+
+    Raises ValueError when caches come under two names, TypeError when the cache is not a
+    HybridMegatronCache or when a cache object is left in `kwargs` under another name (it
+    would otherwise be ignored and decoding would restart from an empty state).
+    """
+    given = {name: kwargs.pop(name) for name in CACHE_ARGUMENT_NAMES if name in kwargs}
+    given = {name: value for name, value in given.items() if value is not None}
+    if len(given) > 1:
+        raise ValueError(
+            f"Got a generation cache under several names ({', '.join(given)}); pass it once, "
+            "as past_key_values."
+        )
+    for name, value in kwargs.items():
+        if isinstance(value, Cache) or (
+            isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list))
+        ):
+            raise TypeError(
+                f"Got a cache-like {type(value).__name__} as `{name}`, a name HybridMegatron "
+                f"models do not read (they read {', '.join(CACHE_ARGUMENT_NAMES)}). Pass the "
+                "HybridMegatronCache as past_key_values; if a transformers release renamed the "
+                "argument again, update hybrid_megatron (CACHE_ARGUMENT_NAMES)."
+            )
+    if not given:
+        return None
+    ((name, cache),) = given.items()
+    if not isinstance(cache, HybridMegatronCache):
+        raise TypeError(
+            f"`{name}` must be a HybridMegatronCache (or None); got {type(cache).__name__}. "
+            "HybridMegatron models keep per-layer SWA/Mamba states that transformers' generic "
+            "caches (DynamicCache, tuples) cannot hold: let the model create its cache "
+            "(use_cache=True) or build one with HybridMegatronCache(model.config)."
+        )
+    return cache

@@ -40,7 +40,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .attention import attention as attention_kernel
-from .cache_hybrid_megatron import AttentionState, HybridMegatronCache, MambaState
+from .cache_hybrid_megatron import AttentionState, HybridMegatronCache, MambaState, take_cache
 from .configuration_hybrid_megatron import (
     ATTENTION_TYPES,
     AUTO_MAP,
@@ -57,6 +57,10 @@ except ImportError:  # older transformers: plain torch initialisers
     from torch.nn import init
 
 Tensor = torch.Tensor
+# The output field that holds the cache: `cache` from transformers 5.24, `past_key_values` before.
+CACHE_FIELD = (
+    "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 # attn_implementation -> backend of the attention kernel ("eager" is computed here).
 KERNEL_BACKENDS = {"sdpa": "sdpa", "flex_attention": "flex", "flash_attention_2": "flash_attn"}
@@ -459,8 +463,11 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: HybridMegatronCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
+        """`past_key_values` and `cache` (and `cache_params`) name the same argument."""
+        past_key_values = take_cache({"past_key_values": past_key_values, "cache": cache, **kwargs})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         output_attentions = bool(output_attentions)
@@ -480,11 +487,6 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
             use_cache = False  # the states after padding would be wrong to continue from
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, HybridMegatronCache):
-            raise TypeError(
-                "past_key_values must be a HybridMegatronCache (or None); got "
-                f"{type(past_key_values).__name__}."
-            )
         if use_cache and past_key_values is None:
             past_key_values = HybridMegatronCache(self.config)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -507,9 +509,9 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
             all_hidden += (hidden,)
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden or None,
             attentions=all_attn or None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -550,8 +552,11 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cache: HybridMegatronCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
+        """`past_key_values` and `cache` (and `cache_params`) name the same argument."""
+        past_key_values = take_cache({"past_key_values": past_key_values, "cache": cache, **kwargs})
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -577,11 +582,43 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
+            **{CACHE_FIELD: out.get(CACHE_FIELD)},
         )
         return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The inputs of the next `generate()` step, the same under every transformers version.
+
+        Reads the cache under any name transformers uses, feeds the tokens the cache has not
+        seen yet, and passes the cache back as `past_key_values`.
+        """
+        if inputs_embeds is not None:
+            raise ValueError(
+                "generate() from inputs_embeds is not supported by HybridMegatron models; pass "
+                "input_ids (forward() itself accepts inputs_embeds)."
+            )
+        cache = take_cache(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past > input_ids.shape[1]:
+            raise ValueError(
+                f"The cache has seen {past} tokens but generate() passed only "
+                f"{input_ids.shape[1]}; pass the whole sequence (prompt and generated tokens)."
+            )
+        inputs: dict[str, Any] = {"input_ids": input_ids[:, past:], "past_key_values": cache}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        for name in ("use_cache", "logits_to_keep", "output_attentions", "output_hidden_states"):
+            if kwargs.get(name) is not None:
+                inputs[name] = kwargs[name]
+        return inputs
 
 
 if int(transformers.__version__.split(".")[0]) < 5:
