@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from hybrid_megatron.errors import BackendUnavailableError, ConfigError
+from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
 
 
 def _fmt(n: int) -> str:
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendUnavailableError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 2
+    except GenerationCheckError as e:
+        print(f"hybrid-megatron: {e}", file=sys.stderr)
+        return 3
     except FloatingPointError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3

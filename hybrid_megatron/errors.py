@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class BackendUnavailableError(RuntimeError):
     """A requested kernel/backend/feature is not available here; the message names the fix."""
+
+
+class GenerationCheckError(RuntimeError):
+    """Cached decoding disagrees with decoding by full forwards: every answer would be wrong."""

@@ -307,6 +307,34 @@ def test_batched_generation_equals_one_by_one(hf_dir):
     assert {g.index: g.text for b in batches for g in b} == single
 
 
+def test_sweep_stops_before_work_when_cached_decoding_is_broken(hf_dir, tmp_path, monkeypatch):
+    """A cache that forgets past keys (as transformers 5.24 made ours do) stops the sweep on the
+    first prompt, naming the model and the transformers version; nothing is recorded."""
+    import transformers
+
+    from hybrid_megatron.errors import GenerationCheckError
+    from hybrid_megatron.eval.runner import run_eval
+    from hybrid_megatron.hf.cache_hybrid_megatron import AttentionState, MambaState
+
+    out = tmp_path / "eval"
+    kw = dict(tasks=["passkey"], lengths=[256], num_samples=2)
+    run_eval(_settings(tmp_path / "good", [str(hf_dir)], **kw))  # the intact model passes
+
+    def forgetful(self, k, v):  # every step attends to its own tokens only
+        self.seen += k.shape[2]
+        return k, v
+
+    monkeypatch.setattr(AttentionState, "update", forgetful)
+    monkeypatch.setattr(MambaState, "has_previous", property(lambda self: False))
+    with pytest.raises(GenerationCheckError) as err:
+        run_eval(_settings(out, [str(hf_dir)], **kw))
+    assert "tiny_hf" in str(err.value) and transformers.__version__ in str(err.value)
+    assert _rows(out) == []
+    # The check can be skipped on purpose (rows are then written, wrong as they are).
+    run_eval(_settings(out, [str(hf_dir)], check_generation=False, **kw))
+    assert len(_rows(out)) == 2
+
+
 # ------------------------------------------------------------------ perplexity
 
 

@@ -254,6 +254,25 @@ def test_auto_resolution(all_available):
     assert auto(q_len=1) == "sdpa"  # KV-cached decoding: avoid a flex compile per step
 
 
+def test_float64_never_reaches_compiled_flex(monkeypatch):
+    """Inductor's CPU flex refuses float64: auto picks SDPA, an explicit flex says why."""
+    n = attn_mod.FLEX_MIN_SEQ_LEN
+    args = {"device": CPU, "window": 128, "seq_len": n}
+    assert resolve_backend("auto", dtype=torch.float32, **args) == "flex"
+    assert resolve_backend("auto", dtype=torch.float64, **args) == "sdpa"
+
+    def no_compile():
+        raise AssertionError("compiled flex must not see float64")
+
+    monkeypatch.setattr(attn_mod, "_compiled_flex", no_compile)
+    q, k, v = make_qkv(1, 2, 2, n, n, 8, requires_grad=False)
+    q, k, v = q.double(), k.double(), v.double()
+    out = attention(q, k, v, window=128)  # auto at a length where fp32 would use flex
+    torch.testing.assert_close(out, attention(q, k, v, window=128, backend="sdpa"))
+    with pytest.raises(ValueError, match="does not support torch.float64.*sdpa"):
+        attention(q, k, v, window=128, backend="flex", flex_eager=False)
+
+
 def test_auto_without_optional_packages(monkeypatch):
     avail = dict.fromkeys(BACKENDS, True) | {"flash_attn": False, "flex": False}
     monkeypatch.setattr(attn_mod, "available_backends", lambda: avail)

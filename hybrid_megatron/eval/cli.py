@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.errors import ConfigError, GenerationCheckError
 
 
 def _csv(text: str) -> list[str]:
@@ -78,6 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         wait_timeout=args.wait_timeout,
         verify_conversion=not args.no_verify_conversion,
+        check_generation=not args.skip_generation_check,
     )
     run_eval(settings)
     return 0
@@ -179,6 +180,12 @@ def add_eval_subcommands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the logit check when converting Megatron checkpoints",
     )
+    ev.add_argument(
+        "--skip-generation-check",
+        action="store_true",
+        help="do not check, before the sweep, that cached greedy decoding equals decoding by "
+        "full forwards on each model's first prompt",
+    )
     ev.set_defaults(func=cmd_eval)
 
     rep = subparsers.add_parser(
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"hybrid-megatron: config error: {err}", file=sys.stderr)
         return 2
+    except GenerationCheckError as err:
+        print(f"hybrid-megatron: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.eval import store
 from hybrid_megatron.eval.aggregate import aggregate_rows, format_markdown, write_results
-from hybrid_megatron.eval.generation import greedy_generate
+from hybrid_megatron.eval.generation import check_cached_decoding, greedy_generate
 from hybrid_megatron.eval.models import (
     EvalModelInfo,
     EvalTokenizer,
@@ -88,6 +88,7 @@ class EvalSettings:
     plots: bool = True
     wait_timeout: float = 600.0
     verify_conversion: bool = True
+    check_generation: bool = True  # cached vs full-forward decoding on each model's 1st prompt
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -272,6 +273,7 @@ class _Worker:
         self.new_rows = 0
         self.progress: Progress | None = None
         self.failed: dict[str, str] = {}
+        self.generation_checked: set[str] = set()  # models whose cached decoding was checked
 
     def _emit(self, row: dict[str, Any], counts: bool = True) -> None:
         """Record a finished item; `counts=False` for skips (not samples for --stop-after)."""
@@ -402,6 +404,9 @@ class _Worker:
     ) -> None:
         prompts = [tok.encode(s.prompt) for s in samples]
         budgets = [s.max_new_tokens for s in samples]
+        if self.s.check_generation and info.name not in self.generation_checked and prompts:
+            check_cached_decoding(model, tok, prompts[0], f"{info.name} ({info.hf_path})")
+            self.generation_checked.add(info.name)
         for batch in greedy_generate(model, tok, prompts, budgets, self.s.batch_size):
             for g in batch:
                 sample = samples[g.index]

@@ -51,6 +51,7 @@ __all__ = [
     "BACKENDS",
     "FLEX_MIN_SEQ_LEN",
     "FLEX_MIN_SEQ_PER_WINDOW",
+    "FLEX_COMPILED_DTYPES",
     "attention",
     "available_backends",
     "resolve_backend",
@@ -132,6 +133,19 @@ def _flash_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
+# Dtypes compiled flex_attention lowers (Inductor refuses float64 on CPU: InductorError).
+FLEX_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_flex_dtype(dtype: torch.dtype, eager: bool) -> None:
+    if not eager and dtype not in FLEX_COMPILED_DTYPES:
+        raise ValueError(
+            f"attention backend 'flex' (compiled flex_attention) does not support {dtype}; "
+            "supported: float32, float16, bfloat16. Use backend 'sdpa' or 'auto' for this dtype "
+            "(or HYBRID_MEGATRON_FLEX_EAGER=1 for the slow uncompiled reference)."
+        )
+
+
 def resolve_backend(
     backend: str,
     *,
@@ -160,6 +174,7 @@ def resolve_backend(
             avail["flex"]
             and window is not None
             and square
+            and dtype in FLEX_COMPILED_DTYPES
             and seq_len >= max(FLEX_MIN_SEQ_LEN, FLEX_MIN_SEQ_PER_WINDOW * window)
         ):
             return "flex"
@@ -404,6 +419,7 @@ def attention(
         return _sdpa(q, k, v, window, softmax_scale)
     if name == "flex":
         eager = _flex_eager_env() if flex_eager is None else flex_eager
+        _check_flex_dtype(q.dtype, eager)
         return _flex(q, k, v, window, softmax_scale, eager)
     if name == "flash_attn":
         return _flash(q, k, v, window, softmax_scale)
