@@ -293,17 +293,18 @@ def test_restart_with_other_settings_is_refused(hf_dir, tmp_path):
 
 
 def test_batched_generation_equals_one_by_one(hf_dir):
-    from hybrid_megatron.eval.generation import greedy_generate, length_batches
+    from hybrid_megatron.eval.generation import greedy_generate, sorted_batches
     from hybrid_megatron.eval.models import load_eval_model
     from hybrid_megatron.eval.tasks import generate_samples
 
-    assert length_batches([5, 3, 5, 5, 3], 2) == [[0, 2], [3], [1, 4]]
+    assert sorted_batches([5, 3, 5, 5, 3], [9] * 5, 2) == [[0, 2], [3, 1], [4]]
+    assert sorted_batches([5, 3, 5, 5, 3], [9, 9, 4, 9, 4], 8) == [[0, 3, 1], [2, 4]]
     model, tok, _ = load_eval_model(hf_dir, "cpu")
     prompts = [tok.encode(s.prompt) for s in generate_samples("passkey", tok, 300, 4)]
-    prompts += [prompts[0][:250], prompts[1][:250]]
+    prompts += [prompts[0][:250], prompts[1][:237], prompts[2][:40]]  # mixed lengths
     single = {g.index: g.text for b in greedy_generate(model, tok, prompts, 5, 1) for g in b}
     batches = list(greedy_generate(model, tok, prompts, 5, 4))
-    assert max(len(b) for b in batches) > 1
+    assert [len(b) for b in batches] == [4, 3]  # left-padded: lengths mix within a batch
     assert {g.index: g.text for b in batches for g in b} == single
 
 
@@ -462,7 +463,7 @@ def test_cli_parses_sweeps(tmp_path):
 
 
 @torch.no_grad()
-def test_right_padded_forward_matches_unpadded(hf_dir):
+def test_padded_forward_matches_unpadded(hf_dir):
     from hybrid_megatron.hf import HybridMegatronForCausalLM
 
     model = HybridMegatronForCausalLM.from_pretrained(hf_dir).eval()
@@ -475,18 +476,18 @@ def test_right_padded_forward_matches_unpadded(hf_dir):
     assert (logits[0] - model(a[None]).logits[0]).abs().max() < 1e-5
     assert (logits[1, :25] - model(b[None]).logits[0]).abs().max() < 1e-5
     assert model(batch, attention_mask=mask).past_key_values is None
-    left = mask.flip(1)
-    with pytest.raises(ValueError, match="right"):
-        model(batch, attention_mask=left)
     with pytest.raises(ValueError, match="cache"):
         model(batch, attention_mask=mask, use_cache=True)
+    left = torch.full((2, 40), 257)  # the same rows, padded on the left
+    left[0], left[1, 15:] = a, b
+    logits = model(left, attention_mask=(left != 257).long()).logits
+    assert (logits[1, 15:] - model(b[None]).logits[0]).abs().max() < 1e-5
 
 
 def test_lm_eval_harness_hf_model(hf_dir, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate")  # lm-eval's `hf` model needs it (lm_eval[hf])
     import shutil
 
+    import lm_eval  # a dev dependency (lm-eval[hf]): this test must run in CI, not skip
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -521,7 +522,9 @@ def test_lm_eval_harness_hf_model(hf_dir, tmp_path):
         Instance("generate_until", {}, (p, {"until": ["\n\n\n"], "max_gen_toks": 5}), i)
         for i, p in enumerate(prompts)
     ]
-    texts = HFLM(pretrained=str(model_dir), trust_remote_code=True, device="cpu").generate_until(
+    texts = HFLM(
+        pretrained=str(model_dir), trust_remote_code=True, batch_size=2, device="cpu"
+    ).generate_until(  # batched: prompts of different lengths, left-padded by lm-eval
         gen_requests
     )
     expected = {

@@ -172,10 +172,17 @@ def test_attention_implementations_agree_and_eager_returns_weights(monkeypatch):
 
 def test_unsupported_inputs_and_configs_are_refused():
     model, ids = tiny_model(), prompt(2, 8)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=mask)
+    gap = torch.ones_like(ids)
+    gap[0, 3:5] = 0  # real tokens on both sides of padding
+    with pytest.raises(ValueError, match="gaps"):
+        model(ids, attention_mask=gap, use_cache=False)
+    right = torch.ones_like(ids)
+    right[0, -2:] = 0
+    model(ids, attention_mask=right, use_cache=False)  # scoring: right padding is fine
+    with pytest.raises(ValueError, match="right padding .* only without a cache"):
+        model(ids, attention_mask=right, use_cache=True)
+    with pytest.raises(ValueError, match="cached \\+ new"):
+        model(ids, attention_mask=right[:, 1:], use_cache=False)
     model(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is fine
     with pytest.raises(ValueError, match="moe"):
         HybridMegatronConfig(layer_types=["mamba", "moe"])
@@ -199,3 +206,60 @@ def test_save_and_auto_load_in_process(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is HybridMegatronForCausalLM
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def perturbed(model: HybridMegatronForCausalLM) -> HybridMegatronForCausalLM:
+    """No zero or constant parameters (conv biases, norms) that could hide a padding leak."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def left_padded(rows: list[torch.Tensor], pad: int = 95) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_left_padded_forward_and_cached_decoding_equal_unpadded(attn):
+    """Every layer type (Mamba conv + scan, SWA window, full attention, RoPE positions)."""
+    model = perturbed(tiny_model(attn))
+    rows = [prompt(1, n, seed=n)[0] for n in (3 * WINDOW + 1, WINDOW - 2, 2 * WINDOW)]
+    ids, mask = left_padded(rows)
+    out = model(ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    nxt = prompt(3, 3, seed=7)
+    steps = [out.logits]
+    for t in range(3):  # cached decoding continues from the padded prefill
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        steps.append(model(nxt[:, t : t + 1], attention_mask=mask, past_key_values=cache).logits)
+    logits = torch.cat(steps, dim=1)
+    for i, r in enumerate(rows):
+        alone = model(torch.cat([r, nxt[i]])[None], use_cache=False).logits[0]
+        got = logits[i, ids.shape[1] - len(r) :]
+        assert (got - alone).abs().max() < 1e-4, (i, len(r))
+
+
+@torch.no_grad()
+def test_left_padded_batched_generate_equals_one_by_one():
+    model = perturbed(tiny_model())
+    rows = [prompt(1, n, seed=n)[0] for n in (3 * WINDOW + 1, WINDOW - 2, 2 * WINDOW, 5)]
+    ids, mask = left_padded(rows)
+    batched = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=95,
+    )
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], max_new_tokens=10, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(r) :]), i

@@ -1,8 +1,11 @@
-"""Greedy generation over many prompts, batching prompts of equal token length.
+"""Greedy generation over many prompts in left-padded, length-sorted batches.
 
-Our models take no padding, so a batch only holds prompts of the same length (RULER prompts
-fitted to one target length often share it exactly; others run alone). Results come back
-batch by batch so the caller can record each finished sample at once.
+Prompts with the same generation budget are sorted by token length and cut into batches of
+`batch_size`, so a batch pads each prompt by at most the length spread of its neighbours
+(RULER prompts fitted to one target length differ by a few tokens). The HF model takes
+left padding exactly (padded keys hidden, Mamba-2 states untouched by padding), so a batch
+generates what each prompt would alone. Results come back batch by batch so the caller can
+record each finished sample at once.
 """
 
 from __future__ import annotations
@@ -26,16 +29,37 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)  # generated ids, up to (excl.) EOS
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Positions grouped by equal length (order of first appearance), split to batch_size."""
+def sorted_batches(
+    lengths: Sequence[int], budgets: Sequence[int], batch_size: int
+) -> list[list[int]]:
+    """Positions grouped by generation budget, sorted by length, cut into `batch_size` batches.
+
+    Groups keep the order of their first appearance; within a group, longer prompts come first
+    (a memory-hungry batch fails at once rather than at the end).
+    """
     groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
+    for i, budget in enumerate(budgets):
+        groups.setdefault(budget, []).append(i)
+    size = max(1, batch_size)
     batches = []
     for members in groups.values():
-        for start in range(0, len(members), max(1, batch_size)):
-            batches.append(members[start : start + max(1, batch_size)])
+        members = sorted(members, key=lambda i: (-lengths[i], i))
+        batches += [members[start : start + size] for start in range(0, len(members), size)]
     return batches
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [len(prompts), longest], padding on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -54,14 +78,12 @@ def greedy_generate(
         if isinstance(max_new_tokens, int)
         else [int(m) for m in max_new_tokens]
     )
-    keys = [(len(p), b) for p, b in zip(prompts, budgets)]
-    order = {k: n for n, k in enumerate(dict.fromkeys(keys))}
-    for batch in length_batches([order[k] for k in keys], batch_size):
-        ids = torch.tensor([list(prompts[i]) for i in batch], dtype=torch.long, device=device)
+    for batch in sorted_batches([len(p) for p in prompts], budgets, batch_size):
+        ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_id, device)
         start = time.perf_counter()
         out = model.generate(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             do_sample=False,
             max_new_tokens=budgets[batch[0]],
             eos_token_id=list(tokenizer.eos_ids),
@@ -74,8 +96,8 @@ def greedy_generate(
         results = []
         for row, i in enumerate(batch):
             new = out[row, ids.shape[1] :].tolist()
-            text = tokenizer.decode(new)
             n_new = next((k for k, t in enumerate(new) if t in tokenizer.eos_ids), len(new))
+            text = tokenizer.decode(new[:n_new])
             results.append(Generation(i, text, n_new, seconds, new[:n_new]))
         yield results
 

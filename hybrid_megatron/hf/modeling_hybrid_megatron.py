@@ -14,11 +14,13 @@ the same kernels (`attention`, `ssd`, `mamba_ops`, torch only):
 
 `attn_implementation`: "eager" (explicit softmax; the only one returning attention weights),
 "sdpa", "flex_attention", "flash_attention_2" (the last three are the kernel's backends).
-Padding: right-padded batches (attention mask 1...1 0...0 per row) are accepted in forwards
-without a cache (scoring, as lm-evaluation-harness does): causal layers never look right, so
-the outputs at real tokens are exact and those at padding are to be ignored. Left padding and
-padded cached decoding are not supported (generate one prompt, or equal-length prompts, per
-call).
+Padding (`attention_mask`, 1 = real token): left-padded batches (0...0 1...1 per row) work
+everywhere, including cached prefill and decoding in `generate()`: padded keys are hidden from
+attention, positions count real tokens only, and padded positions are zeroed before the
+Mamba-2 projections and after its conv, so the conv and SSM states start from zero at the
+first real token exactly as without padding (as transformers' own Mamba-2 does). Right-padded
+batches (1...1 0...0) are accepted in forwards without a cache (scoring, as
+lm-evaluation-harness does). Outputs at padded positions are meaningless.
 
 This file is shipped next to converted weights together with the files it imports
 (remote code); `save_pretrained` writes them all.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +168,14 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return t * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+def eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int | None, keys: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Explicit causal (windowed) GQA attention; returns (output, probabilities [b, h, sq, sk]).
 
     Same semantics as the kernel: queries are the last sq of sk positions, a window W lets
-    a query see itself and the W - 1 positions before it.
+    a query see itself and the W - 1 positions before it; `keys` [b, sk] (True = real) hides
+    padded keys (a query seeing none attends to itself).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -181,14 +187,56 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> tupl
     visible = j <= i
     if window is not None:
         visible &= j > i - window
+    if keys is not None:
+        visible = (visible & keys[:, None, None, :]) | (j == i)
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(q.dtype)
     return probs @ v, probs
 
 
-def _right_padded(mask: Tensor) -> bool:
-    """Every row is ones then zeros (no zero before a one)."""
-    m = mask.bool()
-    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
+@dataclass
+class Padding:
+    """Where a padded batch's real tokens are (None members: no padding in this forward)."""
+
+    keys: Tensor | None = None  # [b, cached + new] bool: real keys, cache included
+    tokens: Tensor | None = None  # [b, new] bool: real tokens of this forward
+    right: bool = False  # padding on the right: states after it must not be continued from
+
+    @classmethod
+    def from_attention_mask(
+        cls, mask: Tensor | None, new: int, past: int, caching: bool
+    ) -> Padding:
+        """Check `mask` ([b, past + new], 1 = real) and describe it; refuse what is unsupported."""
+        if mask is None:
+            return cls()
+        if mask.dim() != 2 or mask.shape[1] != past + new:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, cached + new tokens] = [*, {past + new}] "
+                f"(the cache holds {past} tokens); got {list(mask.shape)}."
+            )
+        real = mask.bool()
+        if bool(real.all()):
+            return cls()
+        left = bool((real[:, 1:] >= real[:, :-1]).all())  # 0...0 1...1
+        right = bool((real[:, 1:] <= real[:, :-1]).all())  # 1...1 0...0
+        if not (left or (right and not caching)):
+            raise ValueError(
+                "HybridMegatron models take left padding (attention_mask 0...0 1...1 per row) "
+                "anywhere, and right padding (1...1 0...0) only without a cache (use_cache="
+                "False); a mask with gaps between real tokens is not supported (the Mamba-2 "
+                "state cannot skip tokens)."
+            )
+        return cls(keys=real, tokens=real[:, past:], right=not left)
+
+    def key_mask(self, length: int) -> Tensor | None:
+        """Mask of the last `length` keys (an attention layer's cached window plus new keys)."""
+        return None if self.keys is None else self.keys[:, -length:]
+
+
+def positions_from_mask(mask: Tensor | None, new: int, past: int, device: torch.device) -> Tensor:
+    """Position ids [b or 1, new] of the new tokens: real tokens counted from 0 in each row."""
+    if mask is None:
+        return torch.arange(past, past + new, device=device)[None]
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:].to(device)
 
 
 class HybridMegatronAttention(nn.Module):
@@ -214,6 +262,7 @@ class HybridMegatronAttention(nn.Module):
         x: Tensor,
         rope: dict[float, tuple[Tensor, Tensor]],
         state: AttentionState | None,
+        padding: Padding,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         b, s, _ = x.shape
@@ -226,9 +275,10 @@ class HybridMegatronAttention(nn.Module):
         if state is not None:
             k, v = state.update(k, v)
         impl = self.config._attn_implementation or "sdpa"
+        keys = padding.key_mask(k.shape[2])
         weights = None
         if impl == "eager":
-            out, weights = eager_attention(q, k, v, self.window)
+            out, weights = eager_attention(q, k, v, self.window, keys)
         else:
             backend = KERNEL_BACKENDS.get(impl)
             if backend is None:
@@ -238,7 +288,9 @@ class HybridMegatronAttention(nn.Module):
                 )
             if backend == "flex" and q.shape[2] != k.shape[2]:
                 backend = "sdpa"  # cached decoding: a flex compile per key length would not pay
-            out = attention_kernel(q, k, v, window=self.window, backend=backend)
+            out = attention_kernel(
+                q, k, v, window=self.window, backend=backend, key_padding_mask=keys
+            )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out), (weights if output_attentions else None)
 
@@ -281,8 +333,11 @@ class HybridMegatronMamba2Mixer(nn.Module):
         gn = self.n_groups * self.d_state
         return torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
 
-    def forward(self, hidden: Tensor, state: MambaState | None) -> Tensor:
+    def forward(self, hidden: Tensor, state: MambaState | None, padding: Padding) -> Tensor:
         b, s, _ = hidden.shape
+        real = None if padding.tokens is None else padding.tokens[..., None].to(hidden.dtype)
+        if real is not None:
+            hidden = hidden * real  # padded tokens contribute nothing (in_proj has no bias)
         z, xbc, dt = torch.split(
             self.in_proj(hidden), [self.d_inner, self.conv_dim, self.num_heads], dim=-1
         )
@@ -291,11 +346,17 @@ class HybridMegatronMamba2Mixer(nn.Module):
         if state is not None and state.has_previous and s == 1:
             y = self._step(xbc[:, 0], dt[:, 0], A, weight, state).view(b, 1, self.d_inner)
         else:
-            y = self._scan(xbc, dt, A, weight, state)
+            y = self._scan(xbc, dt, A, weight, state, real)
         return self.out_proj(self.norm(y, z))
 
     def _scan(
-        self, xbc: Tensor, dt: Tensor, A: Tensor, weight: Tensor, state: MambaState | None
+        self,
+        xbc: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        weight: Tensor,
+        state: MambaState | None,
+        real: Tensor | None = None,
     ) -> Tensor:
         """Whole-sequence path (training-equivalent); continues from and updates `state`."""
         b, s, _ = xbc.shape
@@ -310,7 +371,10 @@ class HybridMegatronMamba2Mixer(nn.Module):
         )
         if state is not None:
             conv, conv_state = conv
-        x, B, C = self._split_xbc(conv.transpose(1, 2))
+        conv = conv.transpose(1, 2)
+        if real is not None:
+            conv = conv * real  # the conv bias must not leak into the scan at padded tokens
+        x, B, C = self._split_xbc(conv)
         extra: dict[str, Any] = {}
         if state is not None:
             extra = {"initial_states": state.ssm if previous else None, "return_final_states": True}
@@ -372,16 +436,17 @@ class HybridMegatronDecoderLayer(nn.Module):
         hidden: Tensor,
         rope: dict[float, tuple[Tensor, Tensor]],
         state: Any,
+        padding: Padding,
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         x = self.input_layernorm(hidden)
         weights = None
         if self.layer_type == MAMBA:
-            out = self.mixer(x, state)
+            out = self.mixer(x, state, padding)
         elif self.layer_type == MLP:
             out = self.mlp(x)
         else:
-            out, weights = self.self_attn(x, rope, state, output_attentions)
+            out, weights = self.self_attn(x, rope, state, padding, output_attentions)
         return hidden + out, weights
 
 
@@ -476,23 +541,16 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
                 "output_attentions=True needs attn_implementation='eager' (the fused kernels do "
                 "not return attention weights)."
             )
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            if not _right_padded(attention_mask) or past_key_values is not None or use_cache:
-                raise ValueError(
-                    "HybridMegatron models take padding only on the right and without a cache "
-                    "(attention_mask 1...1 0...0 per row, use_cache=False, no past_key_values); "
-                    "for generation pass unpadded prompts of equal length, or one per call "
-                    "(lm-evaluation-harness: --batch_size 1 for generation tasks)."
-                )
-            use_cache = False  # the states after padding would be wrong to continue from
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = HybridMegatronCache(self.config)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        caching = bool(use_cache) or past_key_values is not None
+        padding = Padding.from_attention_mask(attention_mask, hidden.shape[1], past, caching)
+        if use_cache is None:  # no cache by default after right padding (scoring)
+            use_cache = self.config.use_cache and not self.training and not padding.right
+        if use_cache and past_key_values is None:
+            past_key_values = HybridMegatronCache(self.config)
         if position_ids is None:
-            position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device)[None]
+            position_ids = positions_from_mask(attention_mask, hidden.shape[1], past, hidden.device)
         rope = self._rope_tables(position_ids, hidden.dtype)
 
         all_hidden: tuple[Tensor, ...] = ()
@@ -501,7 +559,7 @@ class HybridMegatronModel(HybridMegatronPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             state = past_key_values.layers[i] if past_key_values is not None else None
-            hidden, weights = layer(hidden, rope, state, output_attentions)
+            hidden, weights = layer(hidden, rope, state, padding, output_attentions)
             if weights is not None:
                 all_attn += (weights,)
         hidden = self.norm(hidden)
@@ -613,8 +671,11 @@ class HybridMegatronForCausalLM(HybridMegatronPreTrainedModel, GenerationMixin):
                 f"{input_ids.shape[1]}; pass the whole sequence (prompt and generated tokens)."
             )
         inputs: dict[str, Any] = {"input_ids": input_ids[:, past:], "past_key_values": cache}
-        if attention_mask is not None:
+        if attention_mask is not None:  # left-padded prompts: positions count real tokens
             inputs["attention_mask"] = attention_mask
+            inputs["position_ids"] = positions_from_mask(
+                attention_mask, input_ids.shape[1] - past, past, input_ids.device
+            )
         for name in ("use_cache", "logits_to_keep", "output_attentions", "output_hidden_states"):
             if kwargs.get(name) is not None:
                 inputs[name] = kwargs[name]

@@ -31,6 +31,12 @@ Backends
                     Megatron-Core's ``TEDotProductAttention`` at the model-spec level.
     ``auto``        flash_attn if usable (CUDA, fp16/bf16), else flex for SWA when
                     ``sq == sk >= max(FLEX_MIN_SEQ_LEN, FLEX_MIN_SEQ_PER_WINDOW * W)``, else sdpa.
+
+Padding
+    ``key_padding_mask`` (``[b, sk]``, True = a real key) hides padded keys, as batched
+    generation of left-padded prompts needs; such calls run on SDPA with an explicit mask
+    whatever the backend. A query that sees no real key (a padding position itself) attends to
+    its own position so its row stays finite; its output is meaningless and must be ignored.
 """
 
 from __future__ import annotations
@@ -231,6 +237,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | No
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _sdpa_padded(
+    q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None, keys: Tensor
+) -> Tensor:
+    """SDPA where `keys` [b, sk] (True = real) hides padded keys (see "Padding" above)."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    allowed = sdpa_mask(sq, sk, window, q.device) & keys[:, None, None, :].to(q.device)
+    rows = torch.arange(sq, device=q.device)
+    allowed[..., rows, rows + (sk - sq)] = True  # each query may see itself: no empty rows
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+
+
 # --------------------------------------------------------------------------------------- flex
 def _flex_mask_mod(offset: int, window: int | None) -> Callable[..., Tensor]:
     if window is None:
@@ -401,17 +419,27 @@ def attention(
     backend: str = "auto",
     softmax_scale: float | None = None,
     flex_eager: bool | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal (optionally sliding-window) attention; see the module docstring for semantics.
 
     ``softmax_scale`` defaults to ``1 / sqrt(d)``. ``flex_eager`` forces (True) or forbids
     (False) the uncompiled flex path; ``None`` reads ``HYBRID_MEGATRON_FLEX_EAGER``.
+    ``key_padding_mask`` ([b, sk] bool, True = real key) hides padded keys (SDPA path).
     """
     window = _check_window(window)
     _check_shapes(q, k, v)
     sq, sk = q.shape[-2], k.shape[-2]
     if window is not None and window >= sk:
         window = None  # every visible key is within the window: plain causal attention
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (q.shape[0], sk):
+            raise ValueError(
+                f"key_padding_mask must be [batch, key length] = {[q.shape[0], sk]}, got "
+                f"{list(key_padding_mask.shape)}"
+            )
+        if not bool(key_padding_mask.all()):
+            return _sdpa_padded(q, k, v, window, softmax_scale, key_padding_mask.bool())
     name = resolve_backend(
         backend, device=q.device, window=window, seq_len=sk, dtype=q.dtype, q_len=sq
     )
