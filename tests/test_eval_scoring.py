@@ -157,3 +157,35 @@ def test_aggregation_tables():
     assert null_counts(scores)[("niah_single_1", 4096)] == "1/2"
     with pytest.raises(ValueError, match="2 samples but 1"):
         score_samples(samples[:2], preds[:1])
+
+
+def test_results_count_nulls_and_average_as_ruler_does():
+    """results.json from rows: a prediction of control characters only is null after RULER's
+    postprocess_pred; averages are RULER's sum / count (fmean rounds 48.125 the other way)."""
+    from hybrid_megatron.eval.aggregate import aggregate_rows
+
+    refs = [["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e"],
+            ["a", "b"], ["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e"],
+            ["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e"]]  # fmt: skip
+    preds = ["a b c", "a b", "a b", "a", "a", "a", "a b c", "a b c d"]
+    preds[5] = "a\x01"  # found, and not empty
+    scores = [match_all(postprocess_pred(p), r) for p, r in zip(preds, refs)]
+    assert scores == [0.75, 0.4, 0.4, 0.5, 0.2, 0.2, 0.6, 0.8]
+    rows = [
+        {"key": f"m/vt/4096/{i}", "model": "m", "task": "vt", "length": 4096, "index": i,
+         "depth": None, "score": s,
+         "prediction": p, "outputs": r, "metric": "string_match_all"}
+        for i, (s, p, r) in enumerate(zip(scores, preds, refs))
+    ]  # fmt: skip
+    rows.append(dict(rows[0], key="m/vt/4096/8", index=8, prediction="\x01\x02 \x1f", score=0.0))
+    rows.append(dict(rows[0], key="m/vt/4096/9", index=9, prediction="  ", score=0.0))
+    ruler = _ruler_all(
+        [postprocess_pred(r["prediction"]) for r in rows], [r["outputs"] for r in rows]
+    )
+    (model,) = aggregate_rows(rows)["models"].values()
+    cell = model["tasks"]["vt"]["4096"]
+    assert cell["score"] == ruler == 38.5
+    assert cell["nulls"] == "2/10"  # "\x01\x02 \x1f" is empty after postprocess_pred
+    eight = rows[:8]
+    (model,) = aggregate_rows(eight)["models"].values()
+    assert model["tasks"]["vt"]["4096"]["score"] == _ruler_all(preds, refs) == 48.13

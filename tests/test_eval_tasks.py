@@ -138,13 +138,23 @@ def test_get_task_rejects_unknown_names_and_options():
         generate_samples(get_task("fwe"), BYTE, 4096, 1, alpha=3.0)
 
 
-def test_word_lists_are_shipped_and_clean():
-    for kind in ("nouns", "adjectives", "verbs"):
+def test_word_lists_are_rulers_wonderwords_lists():
+    """RULER reads wonderwords 2.2's files line by line, right-stripped, as written."""
+    sizes = {"nouns": 6786, "adjectives": 910, "verbs": 1041}  # distinct entries in 2.2
+    for kind, size in sizes.items():
         words = load_words(kind)
-        assert len(words) > 500 and all(re.fullmatch(r"[a-z]+", w) for w in words)
-    assert len(common_word_pool()) > 3000
+        assert len(words) == size and all(w == w.rstrip() and w for w in words)
+    assert {"ATM", "x-ray", "ad hoc"} <= set(common_word_pool())  # kept as RULER keeps them
+    assert "nasty" in load_words("adjectives")  # "nasty " in the file, right-stripped
+    assert len(common_word_pool()) == len(set(load_words("nouns")) | set(load_words("adjectives"))
+                                          | set(load_words("verbs")))  # fmt: skip
+    adjs, nouns = set(load_words("adjectives")), set(load_words("nouns"))
+
+    def adjective_noun(key: str) -> bool:
+        return any(key[:i] in adjs and key[i + 1 :] in nouns for i, c in enumerate(key) if c == "-")
+
     rng = random.Random(0)
-    assert re.fullmatch(r"[a-z]+-[a-z]+", random_key_word(rng))
+    assert all(adjective_noun(random_key_word(rng)) for _ in range(200))
     assert re.fullmatch(
         r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", random_uuid(rng)
     )
@@ -517,3 +527,34 @@ def test_qa_malformed_file(tmp_path):
     (tmp_path / "hotpotqa.json").write_text('[{"question": "q"}]')
     with pytest.raises(EvalDataError, match="not a hotpotqa file"):
         get_task("qa_2", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- RULER parity
+
+
+def test_vt_statements_never_adjacent_as_in_ruler():
+    """RULER inserts each statement before a distinct noise line (random.sample over lines):
+    a noise line always separates two statements and follows the last one, at any size."""
+    from hybrid_megatron.eval.tasks.variable_tracking import VariableTrackingTask
+
+    task = VariableTrackingTask(num_chains=2, num_hops=4, add_fewshot=False)
+    for seed in range(40):
+        state = task.draw(random.Random(seed), 0, 0)
+        for size in (10, 11, 14, 25):
+            lines = task.render(state, size).input.split("\n")
+            body = lines[lines.index("") + 1 : lines.index("") + 1 + size + 10]
+            kinds = ["var" if line.startswith("VAR ") else "noise" for line in body]
+            assert kinds.count("var") == 10 and kinds.count("noise") == size, (seed, size)
+            assert kinds[-1] == "noise", (seed, size)
+            assert not any(a == b == "var" for a, b in zip(kinds, kinds[1:])), (seed, size)
+
+
+def test_qa_questions_are_not_cycled(tmp_path):
+    """RULER's sample i is question i (QAS[index]); more samples than questions is an error."""
+    squad = _squad(tmp_path / "squad.json")  # 12 answerable questions
+    samples = generate_samples("qa_1", BYTE, 1000, 12, qa_path=squad)
+    assert len({s.input.rsplit("Question: ", 1)[1] for s in samples}) == 12
+    with pytest.raises(EvalDataError, match="12 distinct samples .* but 13"):
+        generate_samples("qa_1", BYTE, 1000, 13, qa_path=squad)
+    with pytest.raises(EvalDataError, match="at most 12"):
+        generate_samples("qa_1", BYTE, 1000, 2, qa_path=squad, start_index=11)

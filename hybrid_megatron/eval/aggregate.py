@@ -25,6 +25,7 @@ from hybrid_megatron.eval.scoring import (
     depth_length_table,
     null_counts,
     overall_average,
+    postprocess_pred,
     task_length_table,
 )
 
@@ -39,7 +40,7 @@ def _score(row: Mapping[str, Any], grid: bool) -> SampleScore:
         index=int(row["index"]),
         score=float(row["score"]),
         depth=float(row["depth"]) if grid and row.get("depth") is not None else None,
-        null=not str(row.get("prediction", "")).strip(),
+        null=not postprocess_pred(str(row.get("prediction", ""))),  # RULER's "Nulls"
     )
 
 

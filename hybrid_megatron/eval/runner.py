@@ -174,11 +174,13 @@ def missing_data(settings: EvalSettings) -> dict[str, str]:
                 )
             continue
         try:
-            get_task(task, **task_options_for(settings, task))
+            gen = get_task(task, **task_options_for(settings, task))
         except MissingTaskDataError as err:
             skipped[task] = str(err)
+            continue
         except ValueError as err:
             raise ConfigError(f"task '{task}': {err}") from err
+        gen.check_sample_count(settings.num_samples)
     return skipped
 
 

@@ -4,8 +4,10 @@ RULER (scripts/eval): a prediction is first cleaned by `postprocess_pred` (strip
 character U+0000-U+001F becomes a newline, strip again); then, case-insensitively,
 - string_match_all: per sample, the fraction of references that occur in the prediction;
 - string_match_part: per sample, 1 if any reference occurs in it;
-each averaged over samples, x100 and rounded to 2 decimals. QA tasks use `part`, every other
-RULER task `all`. Passkey: 1 if the first integer in the prediction equals the key.
+each averaged over samples as RULER does (sum / count, then x100, rounded to 2 decimals; the
+same for the averages over tasks and lengths). QA tasks use `part`, every other RULER task
+`all`. Passkey: 1 if the first integer in the prediction equals the key. A prediction is empty
+("null") when nothing is left after the cleaning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from statistics import fmean
 from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
@@ -59,12 +60,17 @@ _SAMPLE_METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 
 
+def ruler_mean(values: Sequence[float]) -> float:
+    """sum / count, in RULER's order of operations (not `statistics.fmean`: ties round alike)."""
+    return sum(values) / len(values)
+
+
 def _mean_x100(fn: Callable, preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions but {len(refs)} reference lists")
     if not preds:
         raise ValueError("no predictions to score")
-    return round(sum(fn(p, r) for p, r in zip(preds, refs)) / len(preds) * 100, 2)
+    return round(ruler_mean([fn(p, r) for p, r in zip(preds, refs)]) * 100, 2)
 
 
 def string_match_all(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
@@ -148,7 +154,7 @@ def _group(scores: Iterable[SampleScore], key: Callable[[SampleScore], Any]) -> 
     groups: dict[Any, list[float]] = defaultdict(list)
     for s in scores:
         groups[key(s)].append(s.score)
-    return {k: round(fmean(v) * 100, 2) for k, v in groups.items()}
+    return {k: round(ruler_mean(v) * 100, 2) for k, v in groups.items()}
 
 
 def task_length_table(scores: Iterable[SampleScore]) -> dict[str, dict[int, float]]:
@@ -165,12 +171,12 @@ def average_by_length(table: Mapping[str, Mapping[int, float]]) -> dict[int, flo
     for per_len in table.values():
         for length, v in per_len.items():
             by_len[length].append(v)
-    return {k: round(fmean(v), 2) for k, v in sorted(by_len.items())}
+    return {k: round(ruler_mean(v), 2) for k, v in sorted(by_len.items())}
 
 
 def average_by_task(table: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
     """Mean over lengths of each task's scores."""
-    return {t: round(fmean(v.values()), 2) for t, v in table.items() if v}
+    return {t: round(ruler_mean(list(v.values())), 2) for t, v in table.items() if v}
 
 
 def overall_average(table: Mapping[str, Mapping[int, float]]) -> float:
@@ -178,7 +184,7 @@ def overall_average(table: Mapping[str, Mapping[int, float]]) -> float:
     per_len = average_by_length(table)
     if not per_len:
         raise ValueError("no scores to average")
-    return round(fmean(per_len.values()), 2)
+    return round(ruler_mean(list(per_len.values())), 2)
 
 
 def depth_length_table(scores: Iterable[SampleScore]) -> dict[int, dict[float, float]]:

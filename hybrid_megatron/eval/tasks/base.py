@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
+from hybrid_megatron.eval.tasks.errors import EvalDataError
+
 
 class SupportsEncode(Protocol):
     """Any tokenizer: `encode(text)` returns the token ids of `text`."""
@@ -93,6 +95,21 @@ class Task(ABC):
     def min_size(self, state: Any) -> int:
         """The smallest valid haystack size for `state`."""
         return 0
+
+    @property
+    def max_samples(self) -> int | None:
+        """How many distinct samples the task can make (None: unlimited)."""
+        return None
+
+    def check_sample_count(self, count: int) -> None:
+        """Raise EvalDataError if `count` samples (indices 0..count-1) exceed `max_samples`."""
+        limit = self.max_samples
+        if limit is not None and count > limit:
+            raise EvalDataError(
+                f"task '{self.name}' can make {limit} distinct samples (one per question of "
+                f"its data file) but {count} were asked for; pass at most {limit} samples "
+                "(--num-samples). Questions are not repeated, as in RULER."
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

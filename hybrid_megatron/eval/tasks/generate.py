@@ -76,6 +76,7 @@ def generate_samples(
         gen = task
     else:
         gen = get_task(task, **options)
+    gen.check_sample_count(start_index + num_samples)
     count = token_counter(tokenizer)
     gen.setup(count, target_length, seed)
 

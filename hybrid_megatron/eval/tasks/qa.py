@@ -6,8 +6,9 @@ The data files are user-provided, never downloaded:
   dropped. Pass `qa_path=FILE`, or put it at DATA_DIR/squad.json.
 - HotpotQA (distractor dev JSON): `[{"question": str, "answer": str, "context": [[title,
   [sentence, ...]], ...]}]`. Pass `qa_path=FILE`, or put it at DATA_DIR/hotpotqa.json.
-Sample i asks question i (cycling), as RULER does; its gold documents are always kept, then
-documents of the same article (SQuAD), then random others. The haystack size is the number of
+Sample i asks question i, as RULER does (never cycling: asking for more samples than usable
+questions is an error); its gold documents are always kept, then documents of the same
+article (SQuAD), then random others. The haystack size is the number of
 documents.
 """
 
@@ -164,8 +165,13 @@ class QaTask(Task):
         self.max_new_tokens = max_new_tokens
         self.data = load_qa(name, dataset, qa_path, data_dir)
 
+    @property
+    def max_samples(self) -> int:
+        return len(self.data.questions)
+
     def draw(self, rng: random.Random, index: int, target_length: int) -> QaState:
-        q = self.data.questions[index % len(self.data.questions)]
+        self.check_sample_count(index + 1)
+        q = self.data.questions[index]
         related = list(q.related)
         rng.shuffle(related)
         seed = rng.getrandbits(64)

@@ -125,12 +125,12 @@ class VariableTrackingTask(Task):
                 for s, d in zip(ss, ds)
             ]
             return essay_context(self.essay, size, inserts).replace(". \n", ".\n")
-        items = [
-            (depth_index(d, size), s)
-            for ss, ds in zip(chains.statements, depths)
-            for s, d in zip(ss, ds)
-        ]
-        return "\n".join(insert_items([NOISE] * size, items))
+        items = sorted(
+            ((d, s) for ss, ds in zip(chains.statements, depths) for s, d in zip(ss, ds)),
+            key=lambda item: item[0],
+        )
+        slots = _distinct_slots([depth_index(d, size) for d, _ in items], size)
+        return "\n".join(insert_items([NOISE] * size, list(zip(slots, (s for _, s in items)))))
 
     def _text(self, chains: Chains, depths: list[list[float]], size: int) -> tuple[str, str]:
         fmt = {"query": chains.value, "num_v": len(chains.variables[0])}
@@ -193,6 +193,24 @@ class VariableTrackingTask(Task):
             outputs=list(state.chains.variables[0]),
             metadata={"chain_depths": state.depths, "haystack_size": size},
         )
+
+
+def _distinct_slots(slots: list[int], size: int) -> list[int]:
+    """Sorted insertion indices made distinct and < `size`, moving each as little as needed.
+
+    A statement goes before noise line `slot`; distinct slots below `size` put at least one
+    noise line after every statement, so no two statements are ever adjacent (RULER samples
+    distinct lines, `random.sample(range(len(sentences)), ...)`). Haystacks with fewer lines
+    than statements cannot separate them all: the slots are then only kept in order.
+    """
+    out = list(slots)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    if out and len(out) <= size:
+        out[-1] = min(out[-1], size - 1)
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - 1)
+    return out
 
 
 def _rename(statement: str, names: dict[str, str]) -> str:

@@ -1,8 +1,10 @@
-"""Shipped English word lists and the random needle keys/values built from them.
+"""RULER's English word lists and the random needle keys/values built from them.
 
-`hybrid_megatron/eval/data/{nouns,adjectives,verbs}.txt` (one lowercase word a line) replace
-the `wonderwords` lists RULER uses: keys are adjective-noun pairs ("brave-lantern"), numbers
-have 7 digits, uuids are version 4.
+The lists are the `wonderwords` package's (nouns, adjectives, verbs), read from its files as
+RULER reads them (each line right-stripped, kept as written: "ATM", "ad hoc", "x-ray").
+RULER was released with wonderwords 2.2 (3.x changed the noun list), hence the pin in
+pyproject.toml. Keys are adjective-noun pairs ("brave-lantern"), drawn uniformly from the
+distinct pairs as RULER does; numbers have 7 digits; uuids are version 4.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ from importlib import resources
 
 WORD_LISTS = ("nouns", "adjectives", "verbs")
 VALUE_TYPES = ("numbers", "words", "uuids")
+_WONDERWORDS_FILES = {"nouns": "nounlist.txt", "adjectives": "adjectivelist.txt",
+                      "verbs": "verblist.txt"}  # fmt: skip
 
 
 @functools.cache
 def load_words(kind: str) -> tuple[str, ...]:
-    """The shipped word list `kind` (one of `WORD_LISTS`), sorted and de-duplicated."""
+    """The wonderwords list `kind` (one of `WORD_LISTS`), sorted and de-duplicated."""
     if kind not in WORD_LISTS:
         raise ValueError(f"unknown word list '{kind}'; choose one of {', '.join(WORD_LISTS)}")
-    text = resources.files("hybrid_megatron.eval").joinpath("data", f"{kind}.txt").read_text()
-    return tuple(sorted({w.strip() for w in text.split() if w.strip()}))
+    file = resources.files("wonderwords.assets").joinpath(_WONDERWORDS_FILES[kind])
+    return tuple(sorted({w.rstrip() for w in file.read_text(encoding="utf-8").splitlines()} - {""}))
 
 
 @functools.cache
 def common_word_pool() -> tuple[str, ...]:
-    """All shipped words (nouns, adjectives, verbs), sorted and de-duplicated."""
+    """All words (nouns, adjectives, verbs), sorted and de-duplicated, as RULER's cwe pool."""
     return tuple(sorted({w for kind in WORD_LISTS for w in load_words(kind)}))
 
 
@@ -61,10 +65,10 @@ def random_letters(rng: random.Random, k: int, alphabet: str = string.ascii_uppe
 
 
 def unique_words(rng: random.Random, count: int, exclude: set[str] | None = None) -> list[str]:
-    """`count` distinct words in random order: shipped words first, then adjective-noun pairs.
+    """`count` distinct words in random order: the word pool first, then adjective-noun pairs.
 
-    The shipped pool has a few thousand words; longer cwe haystacks (tens of thousands of
-    tokens with a subword tokenizer) continue with distinct adjective-noun compounds.
+    The pool has ~8,700 words; RULER continues longer cwe haystacks with a word list from its
+    repository (a download), so ours continue with distinct adjective-noun compounds.
     """
     exclude = exclude or set()
     pool = [w for w in common_word_pool() if w not in exclude]
