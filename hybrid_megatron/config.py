@@ -156,7 +156,9 @@ class DataConfig:
     # Empty: generate the synthetic corpus under RUN_DIR/data and train on it.
     prefixes: list[str] = field(default_factory=list)
     split: str = "98,2,0"  # train,valid,test weights over each prefix's documents
-    tokenizer: str = "byte"  # "byte" (built in) or a local Hugging Face tokenizer directory
+    # "byte" (built in) or a local Hugging Face tokenizer directory; null: the config expects
+    # the user to name one (train refuses to start without it).
+    tokenizer: str | None = "byte"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     cache_dir: str | None = None  # Megatron index caches (default: beside the first prefix)
 
@@ -436,6 +438,20 @@ def _check_documents_fit(cfg: RunConfig) -> None:
                 + (" or lower data.synthetic.min_distance" if kind in ("copy", "repeat") else "")
                 + f", or set {key}: 0."
             )
+
+
+def validate_data_source(cfg: RunConfig) -> None:
+    """What training reads must be named: configs may leave the tokenizer to the user."""
+    d = cfg.data
+    if d.tokenizer is None:
+        raise ConfigError(
+            f"data.tokenizer is not set: this config expects your own tokenizer and corpus (a "
+            f"model with vocab_size {cfg.model.vocab_size} is not meant for the built-in byte "
+            "tokenizer). Pass --set data.tokenizer=DIR (a local Hugging Face tokenizer) and "
+            "--set 'data.prefixes=[PREFIX]' (your corpus preprocessed with it: "
+            "hybrid-megatron preprocess --input FILES --tokenizer DIR --output-prefix PREFIX), "
+            "or --set data.tokenizer=byte to train on the built-in generated corpus."
+        )
 
 
 def validate_batch_layout(cfg: RunConfig, world_size: int) -> int:

@@ -650,7 +650,11 @@ def test_synthetic_mix_errors_name_the_key(tmp_path):
     assert cfg.data.synthetic.copy_fraction == 0.5
     # fill_sequences promises one whole document per sequence: kinds that cannot fit are refused.
     fill = ["data.synthetic.fill_sequences=true"]
-    with pytest.raises(ConfigError, match=r"niah_fraction=0\.3 .*at least 408 .*= 255"):
+    from hybrid_megatron.data.synthetic import smallest_document
+
+    need = smallest_document("niah", 16)  # its longest key depends on the word lists
+    assert 255 < need < 512
+    with pytest.raises(ConfigError, match=rf"niah_fraction=0\.3 .*at least {need} .*= 255"):
         load_config(tiny, [*fill, "data.synthetic.niah_fraction=0.3"])
     with pytest.raises(ConfigError, match=r"copy document needs at least 301 .*min_distance"):
         load_config(
@@ -707,3 +711,17 @@ def test_base_config_is_merged_and_cycles_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "name", ["s1_full", "s4_swa128_nope", "1b_mamba2", "s4_swa128_nope_extend16k"]
+)
+def test_paper_configs_ask_for_a_tokenizer_instead_of_falling_back_to_bytes(name):
+    from hybrid_megatron.config import load_config, validate_data_source
+
+    cfg = load_config(REPO_ROOT / "configs" / "paper" / f"{name}.yaml")
+    cfg.validate()  # info / check need no data
+    with pytest.raises(ConfigError, match="data.tokenizer is not set.*vocab_size 32000"):
+        validate_data_source(cfg)
+    validate_data_source(load_config(REPO_ROOT / "configs" / "paper" / f"{name}.yaml",
+                                     ["data.tokenizer=/some/tokenizer"]))  # fmt: skip

@@ -195,6 +195,17 @@ def test_end_to_end_megatron_checkpoints_to_results_and_plots(megatron_run, tmp_
     model, tok, info = load_eval_model(source, "cpu", cache_dir=out / "converted")
     assert not info.converted and info.iteration == 10 and info.tokenizer == "byte"
     assert tok.encode("ab") == [97, 98] and tok.eos_ids == (256,)
+    # A byte-tokenizer run's HF directory ships a loadable tokenizer with the same ids, and its
+    # weights are readable as the umask allows (transformers writes them 0600).
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(info.hf_path)
+    assert hf_tok("pass key 7\n")["input_ids"] == list(b"pass key 7\n")
+    assert hf_tok.eos_token_id == 256 and hf_tok.pad_token_id == 257
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in Path(info.hf_path).glob("*.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, weights
 
     # Re-running the finished sweep does no work and aggregates to the same results.
     assert run_eval(settings) == results

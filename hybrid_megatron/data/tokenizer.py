@@ -156,3 +156,41 @@ def build_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
     if str(spec) == BYTE_SPEC:
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+# ------------------------------------------------------------------ the byte tokenizer for HF
+
+BYTE_EOD_TOKEN, BYTE_PAD_TOKEN = "<eod>", "<pad>"
+
+
+def byte_to_char() -> dict[int, str]:
+    """A printable, reversible character for each byte (the byte-level pre-tokenizer's map).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are
+    shifted to code points 256 and up, in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    mapping = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def byte_hf_tokenizer():
+    """A `PreTrainedTokenizerFast` whose ids equal `ByteTokenizer`'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in byte_to_char().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=BYTE_EOD_TOKEN, pad_token=BYTE_PAD_TOKEN
+    )
+    if fast.convert_tokens_to_ids(BYTE_EOD_TOKEN) != ByteTokenizer.EOD:
+        raise AssertionError("byte tokenizer special token ids are out of order")
+    return fast

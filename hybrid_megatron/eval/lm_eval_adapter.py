@@ -1,8 +1,9 @@
 """Make converted directories usable by lm-evaluation-harness (see LM_EVAL.md).
 
-lm-eval's `hf` model loads the tokenizer from the model directory. Models trained with the
-built-in byte tokenizer have none, so `add_byte_tokenizer(DIR)` writes a Hugging Face
-tokenizer with exactly the same ids (UTF-8 byte b -> id b, `<eod>` = 256, `<pad>` = 257):
+lm-eval's `hf` model loads the tokenizer from the model directory. Conversion writes it for
+byte-tokenizer runs; for directories converted before that, `add_byte_tokenizer(DIR)` writes
+a Hugging Face tokenizer with exactly the same ids (UTF-8 byte b -> id b, `<eod>` = 256,
+`<pad>` = 257):
 
     python -m hybrid_megatron.eval.lm_eval_adapter add-byte-tokenizer DIR
 """
@@ -15,41 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from hybrid_megatron.data.tokenizer import ByteTokenizer
+from hybrid_megatron.data.tokenizer import byte_hf_tokenizer
 from hybrid_megatron.errors import ConfigError
-
-EOD_TOKEN, PAD_TOKEN = "<eod>", "<pad>"
-
-
-def byte_to_char() -> dict[int, str]:
-    """A printable, reversible character for each byte (the byte-level pre-tokenizer's map).
-
-    Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are
-    shifted to code points 256 and up, in byte order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    mapping = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-def byte_hf_tokenizer():
-    """A `PreTrainedTokenizerFast` whose ids equal `ByteTokenizer`'s."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {char: b for b, char in byte_to_char().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOD_TOKEN, pad_token=PAD_TOKEN)
-    if fast.convert_tokens_to_ids(EOD_TOKEN) != ByteTokenizer.EOD:
-        raise AssertionError("byte tokenizer special token ids are out of order")
-    return fast
 
 
 def add_byte_tokenizer(hf_dir: str | os.PathLike, force: bool = False) -> Path:

@@ -431,9 +431,11 @@ def load_tokenizer(
     ours = getattr(config, "model_type", None) == "hybrid_megatron"
     if tokenizer is not None:
         base = ByteTokenizer() if tokenizer == "byte" else HFTokenizer(tokenizer)
+    elif recorded == "byte":  # the dir's tokenizer.json, if any, is its HF equivalent
+        base = ByteTokenizer()
     elif any((hf_dir / f).is_file() for f in _TOKENIZER_FILES):
         base = HFTokenizer(hf_dir)
-    elif recorded == "byte" or (ours and recorded is None):
+    elif ours and recorded is None:
         base = ByteTokenizer()
     elif recorded and Path(recorded).is_dir():
         base = HFTokenizer(recorded)

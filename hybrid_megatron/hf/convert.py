@@ -1,8 +1,9 @@
 """Megatron dist checkpoints <-> Hugging Face directories, and logit verification.
 
 - `megatron_to_hf`: a training checkpoint (any TP/PP layout) -> HF directory with config,
-  sharded safetensors + index, generation config, tokenizer (when the run used a local HF
-  tokenizer) and the model's source files (loads with `trust_remote_code=True`).
+  sharded safetensors + index, generation config, tokenizer (the run's local HF tokenizer, or
+  the byte tokenizer as an equivalent HF tokenizer) and the model's source files (loads with
+  `trust_remote_code=True`).
 - `hf_to_megatron`: HF directory -> OUTPUT/checkpoints/iter_N (dist checkpoint with the
   weights under "model", run_config.yaml, hm_complete.json), loadable under any layout whose
   padded vocabulary matches, e.g. for `train.init_from`.
@@ -116,8 +117,9 @@ def _write_tokenizer(
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
         ids["pad_token_id"] = tok.pad_token_id
     elif getattr(getattr(cfg, "data", None), "tokenizer", "byte") == "byte":
-        from hybrid_megatron.data.tokenizer import ByteTokenizer
+        from hybrid_megatron.data.tokenizer import ByteTokenizer, byte_hf_tokenizer
 
+        byte_hf_tokenizer().save_pretrained(out_dir)  # same ids: loadable by AutoTokenizer
         ids = {"eos_token_id": ByteTokenizer.EOD, "pad_token_id": ByteTokenizer.PAD}
     return {k: v for k, v in ids.items() if v is not None and 0 <= v < vocab_rows}
 

@@ -29,6 +29,7 @@ This file is shipped next to converted weights together with the files it import
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -103,6 +104,14 @@ def write_code_files(directory: str | Path) -> list[Path]:
         source = Path(sys.modules[fn.__module__].__file__)
         written.append(Path(shutil.copyfile(source, directory / name)))
     return written
+
+
+def _readable_by_umask(directory: Path) -> None:
+    """Give weight files the mode the umask allows (transformers writes them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.glob("*.safetensors*"):
+        path.chmod(0o666 & ~umask)
 
 
 # ------------------------------------------------------------------------------- blocks
@@ -490,6 +499,7 @@ class HybridMegatronPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         out = super().save_pretrained(save_directory, *args, **kwargs)
         write_code_files(save_directory)
+        _readable_by_umask(Path(save_directory))
         return out
 
 

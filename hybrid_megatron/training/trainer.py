@@ -31,7 +31,13 @@ from hybrid_megatron.checkpoint.training_state import (
     load_weights_only,
     save_training_checkpoint,
 )
-from hybrid_megatron.config import ConfigError, RunConfig, to_dict, validate_batch_layout
+from hybrid_megatron.config import (
+    ConfigError,
+    RunConfig,
+    to_dict,
+    validate_batch_layout,
+    validate_data_source,
+)
 from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.pattern import compile_pattern
@@ -204,6 +210,7 @@ def train(cfg: RunConfig) -> TrainResult:
             "have no context-parallel path); use tensor/pipeline/data parallelism."
         )
     cfg.validate()
+    validate_data_source(cfg)
     run_dir = cfg.resolved_run_dir
     ckpt_root = run_dir / "checkpoints"
     # Fail on a bad init checkpoint before any process group or data work.
