@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from hybrid_megatron import procenv
 from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
 
 
@@ -122,10 +123,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Pretrain (or resume) the run a config describes; also under torchrun / srun."""
-    from hybrid_megatron import distributed
+    """Pretrain (or resume) the run a config describes, then what follows (see command.py)."""
     from hybrid_megatron.config import load_config
-    from hybrid_megatron.training.trainer import train
+    from hybrid_megatron.training.command import run_train_command
 
     overrides = list(args.set)
     if args.run_dir:
@@ -133,17 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
-    try:
-        result = train(cfg)
-    finally:
-        distributed.destroy()
-    if result.stopped_by and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
-        print(
-            f"stopped at step {result.iteration} ({result.stopped_by}); checkpoint "
-            f"{result.last_checkpoint}. Run the same command to resume.",
-            flush=True,
-        )
-    return 0
+    argv = ["train", args.config, *(a for o in overrides for a in ("--set", o))]
+    return run_train_command(cfg, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party_warnings()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"hybrid-megatron: config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # every rank sees the same config: one of them says so
+        if procenv.is_rank0():
+            print(f"hybrid-megatron: config error: {e}", file=sys.stderr)
         return 2
     except BackendUnavailableError as e:
-        print(f"hybrid-megatron: {e}", file=sys.stderr)
+        if procenv.is_rank0():
+            print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 2
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)

@@ -156,9 +156,11 @@ class DataConfig:
     # Empty: generate the synthetic corpus under RUN_DIR/data and train on it.
     prefixes: list[str] = field(default_factory=list)
     split: str = "98,2,0"  # train,valid,test weights over each prefix's documents
-    # "byte" (built in) or a local Hugging Face tokenizer directory; null: the config expects
-    # the user to name one (train refuses to start without it).
+    # "byte" (built in), "bpe" (a byte-level BPE of `bpe_vocab_size` tokens trained on this
+    # run's generated corpus, kept in RUN_DIR/data/tokenizer) or a local Hugging Face tokenizer
+    # directory; null: the config expects the user to name one (train refuses to start).
     tokenizer: str | None = "byte"
+    bpe_vocab_size: int = 512
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     cache_dir: str | None = None  # Megatron index caches (default: beside the first prefix)
 
@@ -200,6 +202,10 @@ class TrainConfig:
     init_from: str | None = None
     # Stop (with a checkpoint) after this many steps of the run, e.g. to split a job.
     exit_after_steps: int | None = None
+    # CPU training started as one plain process (no torchrun/srun): train with this many
+    # data-parallel worker processes of one thread each (null: one per CPU core, as many as
+    # the batch layout allows). 1 trains in the process itself.
+    cpu_processes: int | None = None
 
 
 @dataclass
@@ -224,6 +230,7 @@ class AfterTrainingConfig:
     their own jobs there).
     """
 
+    plots: bool = True  # RUN_DIR/loss.png (train/valid loss and learning rate)
     recall_probe: bool = True  # exact-match recall on held-out synthetic documents
     convert_to_hf: bool = False  # write RUN_DIR/hf (Hugging Face format, verified)
     hf_dtype: Literal["bf16", "fp32"] = "fp32"
@@ -231,6 +238,7 @@ class AfterTrainingConfig:
     eval_lengths: list[int] = field(default_factory=list)  # prompt lengths in tokens
     eval_samples: int = 20
     eval_max_new_tokens: int | None = None  # None: each task's RULER default
+    eval_batch_size: int = 8  # prompts generated together (left-padded, length-sorted)
 
 
 @dataclass
@@ -373,6 +381,8 @@ def validate_training(cfg: RunConfig) -> None:
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.eval_batches", t.eval_batches)
     _positive("train.exit_after_steps", t.exit_after_steps, allow_none=True)
+    _positive("train.cpu_processes", t.cpu_processes, allow_none=True)
+    _positive("after_training.eval_batch_size", cfg.after_training.eval_batch_size)
     _positive("checkpoint.keep_last", c.keep_last, allow_none=True)
     for name in ("eval_interval",):
         if getattr(t, name) < 0:
@@ -402,6 +412,12 @@ def validate_training(cfg: RunConfig) -> None:
     if o.clip_grad < 0:
         raise ConfigError(f"optimizer.clip_grad must be >= 0 (0 disables), got {o.clip_grad}.")
     s = cfg.data.synthetic
+    if cfg.data.prefixes and cfg.data.tokenizer == "bpe":
+        raise ConfigError(
+            "data.tokenizer: bpe trains a tokenizer on the built-in generated corpus, but "
+            "data.prefixes names preprocessed data (already tokenized): set data.tokenizer to "
+            "the tokenizer those prefixes were made with."
+        )
     if not cfg.data.prefixes:
         _positive("data.synthetic.num_docs", s.num_docs)
         if not 0 < s.min_distance <= s.max_distance:
@@ -413,6 +429,13 @@ def validate_training(cfg: RunConfig) -> None:
 
         check_mix(tuple(getattr(s, f) for f in MIX_FIELDS), None, "data.synthetic.")
         check_haystack(s.max_haystack, s.min_distance, s.max_distance, "data.synthetic.")
+        if cfg.data.tokenizer == "bpe" and not (
+            258 <= cfg.data.bpe_vocab_size <= cfg.model.vocab_size
+        ):
+            raise ConfigError(
+                f"data.bpe_vocab_size={cfg.data.bpe_vocab_size} must be at least 258 (256 bytes "
+                f"+ <eod> + <pad>) and at most model.vocab_size={cfg.model.vocab_size}."
+            )
         if s.fill_sequences and cfg.data.tokenizer != "byte":
             raise ConfigError(
                 "data.synthetic.fill_sequences sizes documents in characters, which equal tokens "

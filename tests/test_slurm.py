@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 TRAIN = SLURM / "train.sbatch"
 EVAL = SLURM / "eval_array.sbatch"
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = REPO / "configs" / "tiny_base.yaml"
 
 
 def _env(**extra: str) -> dict:

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 from hybrid_megatron.data.errors import DataError
 
 BYTE_SPEC = "byte"
+BPE_SPEC = "bpe"  # a BPE trained on the run's own generated corpus: RUN_DIR/data/tokenizer
 
 # Files of which at least one must be present for a directory to hold a HF tokenizer.
 _HF_TOKENIZER_FILES = (
@@ -151,9 +152,26 @@ class HFTokenizer:
         return f"HFTokenizer({self.spec!r})"
 
 
-def build_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
-    """'byte' -> `ByteTokenizer`; anything else is a local HF tokenizer directory."""
-    if str(spec) == BYTE_SPEC:
+def run_tokenizer_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run with `data.tokenizer: bpe` keeps the tokenizer it trained."""
+    return Path(run_dir) / "data" / "tokenizer"
+
+
+def resolve_tokenizer_spec(spec: str | os.PathLike, run_dir: str | os.PathLike | None) -> str:
+    """`spec` with 'bpe' replaced by the run's own tokenizer directory (needs `run_dir`)."""
+    if str(spec) != BPE_SPEC:
+        return str(spec)
+    if run_dir is None:
+        raise DataError("data.tokenizer 'bpe' names the run's own tokenizer: a run dir is needed.")
+    return str(run_tokenizer_dir(run_dir))
+
+
+def build_tokenizer(
+    spec: str | os.PathLike, run_dir: str | os.PathLike | None = None
+) -> ByteTokenizer | HFTokenizer:
+    """'byte' -> `ByteTokenizer`; 'bpe' -> the run's trained tokenizer; else a local HF dir."""
+    spec = resolve_tokenizer_spec(spec, run_dir)
+    if spec == BYTE_SPEC:
         return ByteTokenizer()
     return HFTokenizer(spec)
 

@@ -81,8 +81,13 @@ def _checkpoint_and_config(checkpoint: str | os.PathLike) -> tuple[Any, RunConfi
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_dir(cfg: RunConfig, tokenizer: str | os.PathLike | bool | None) -> Path | None:
-    """Local HF tokenizer directory to ship: the argument, else the run's data tokenizer."""
+def _tokenizer_dir(
+    cfg: RunConfig, tokenizer: str | os.PathLike | bool | None, run_dir: Path
+) -> Path | None:
+    """Local HF tokenizer directory to ship: the argument, else the run's data tokenizer
+    ('bpe': the one the run trained, RUN_DIR/data/tokenizer)."""
+    from hybrid_megatron.data.tokenizer import resolve_tokenizer_spec
+
     if tokenizer is False:
         return None
     spec = (
@@ -92,7 +97,7 @@ def _tokenizer_dir(cfg: RunConfig, tokenizer: str | os.PathLike | bool | None) -
     )
     if not spec or spec == "byte":
         return None
-    path = Path(spec)
+    path = Path(resolve_tokenizer_spec(spec, run_dir))
     if not path.is_dir():
         if tokenizer not in (None, True):
             raise ConfigError(f"Tokenizer directory {path} does not exist.")
@@ -217,7 +222,7 @@ def megatron_to_hf(
     torch_dtype = _dtype(dtype)
     output = Path(output)
     check_output(output, overwrite)
-    tok_dir = _tokenizer_dir(cfg, tokenizer)
+    tok_dir = _tokenizer_dir(cfg, tokenizer, info.path.parent.parent)
     with megatron_io.single_process_megatron():
         model = megatron_io.build_single_model(cfg)
         megatron_io.load_weights(model, info.path)

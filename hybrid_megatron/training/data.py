@@ -11,6 +11,8 @@ step does not depend on the data-parallel size.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,13 @@ from hybrid_megatron.data.datasets import Datasets, build_datasets
 from hybrid_megatron.data.errors import DataError
 from hybrid_megatron.data.preprocess import preprocess
 from hybrid_megatron.data.synthetic import MIX_FIELDS, generate_corpus
-from hybrid_megatron.data.tokenizer import build_tokenizer
+from hybrid_megatron.data.tokenizer import (
+    BPE_SPEC,
+    build_tokenizer,
+    resolve_tokenizer_spec,
+    run_tokenizer_dir,
+)
+from hybrid_megatron.data.train_tokenizer import train_tokenizer_from_files
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -39,10 +47,16 @@ def synthetic_mix(cfg: RunConfig) -> dict:
 
 
 def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
-    """Generate (once) the built-in recall corpus for `cfg` under RUN_DIR/data; its prefix."""
+    """Generate (once) the built-in recall corpus for `cfg` under RUN_DIR/data; its prefix.
+
+    With `data.tokenizer: bpe` the run's tokenizer is trained on the generated corpus first
+    (RUN_DIR/data/tokenizer). Regenerated whenever the data settings change (a run dir with
+    checkpoints refuses such changes before this point).
+    """
     s = cfg.data.synthetic
     data_dir = run_dir / "data"
     prefix = data_dir / "synthetic_recall"
+    bpe = cfg.data.tokenizer == BPE_SPEC
     params = {
         "num_docs": s.num_docs,
         "seed": s.seed,
@@ -51,6 +65,7 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
         "max_facts": s.max_facts,
         **synthetic_mix(cfg),
         "tokenizer": cfg.data.tokenizer,
+        **({"bpe_vocab_size": cfg.data.bpe_vocab_size} if bpe else {}),
     }
     params_file = data_dir / "synthetic_recall.params.json"
     ready = (
@@ -60,8 +75,12 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
         and prefix.with_suffix(".idx").is_file()
     )
     if not ready and _is_rank0():
-        tokenizer = build_tokenizer(cfg.data.tokenizer)  # a bad path fails before generating
+        if not bpe:
+            tokenizer = build_tokenizer(cfg.data.tokenizer)  # a bad path fails before generating
         data_dir.mkdir(parents=True, exist_ok=True)
+        params_file.unlink(missing_ok=True)  # until everything below is written
+        start = time.perf_counter()
+        _say(f"generating the built-in corpus: {s.num_docs} documents -> {data_dir}")
         jsonl = generate_corpus(
             data_dir / "synthetic_recall.jsonl",
             s.num_docs,
@@ -71,11 +90,24 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
             max_facts=s.max_facts,
             **synthetic_mix(cfg),
         )
+        if bpe:
+            tok_dir = run_tokenizer_dir(run_dir)
+            if tok_dir.exists():  # stale: trained on a corpus with other settings
+                shutil.rmtree(tok_dir)
+            _say(f"training a {cfg.data.bpe_vocab_size}-token BPE tokenizer on it -> {tok_dir}")
+            train_tokenizer_from_files([jsonl], cfg.data.bpe_vocab_size, tok_dir)
+            tokenizer = build_tokenizer(str(tok_dir))
+        _say("tokenizing the corpus")
         preprocess([jsonl], prefix, tokenizer=tokenizer, log=None)
         params_file.write_text(json.dumps(params, indent=1))
+        _say(f"corpus ready in {time.perf_counter() - start:.0f} s")
     if dist.is_initialized():
         dist.barrier()
     return str(prefix)
+
+
+def _say(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
 
 
 def _is_rank0() -> bool:
@@ -95,7 +127,7 @@ def build_train_valid(cfg: RunConfig, run_dir: Path) -> Datasets:
         seed=t.seed,
         train_samples=t.steps * t.global_batch_size,
         valid_samples=t.eval_batches * t.global_batch_size if t.eval_interval >= 0 else 0,
-        tokenizer=cfg.data.tokenizer,
+        tokenizer=resolve_tokenizer_spec(cfg.data.tokenizer, run_dir),
         model_vocab_size=cfg.model.vocab_size,
         cache_dir=cache_dir,
     )

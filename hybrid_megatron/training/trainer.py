@@ -327,10 +327,6 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
     finally:
         log.close()
     result.iteration = progress.iteration
-    if result.stopped_by is None and progress.iteration == t.steps:
-        from hybrid_megatron.training.after import run_after_training
-
-        run_after_training(cfg, run_dir, chunks)
     return result
 
 

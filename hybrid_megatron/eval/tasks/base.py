@@ -97,6 +97,11 @@ class Task(ABC):
         return 0
 
     @property
+    def chance_score(self) -> float | None:
+        """Expected score (x100) of guessing a well-formed answer at random (None: not known)."""
+        return None
+
+    @property
     def max_samples(self) -> int | None:
         """How many distinct samples the task can make (None: unlimited)."""
         return None

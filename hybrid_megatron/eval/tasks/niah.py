@@ -99,6 +99,11 @@ class NiahTask(Task):
         if haystack == "essay":
             self.essay = load_essay(resolve_essay_path(name, essay_path, data_dir))
 
+    @property
+    def chance_score(self) -> float | None:
+        """One 7-digit number per queried value guessed at random (numbers only)."""
+        return 100.0 / 9_000_000 if self.type_v == "numbers" else None
+
     def _needle(self, key: str, value: str) -> str:
         return NEEDLE.format(type_needle_v=self.type_v, key=key, value=value)
 

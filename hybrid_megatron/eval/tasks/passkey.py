@@ -53,6 +53,10 @@ class PasskeyTask(Task):
         self.max_new_tokens = max_new_tokens
         self._filler = NOISE
 
+    @property
+    def chance_score(self) -> float:
+        return 100.0 / (self.max_key - self.min_key + 1)
+
     def _filler_chars(self, n: int) -> str:
         while len(self._filler) < n:
             self._filler = " ".join([self._filler, self._filler])

@@ -1,0 +1,46 @@
+"""What the process environment says about this process's place in a job (no heavy imports).
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; Slurm sets SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID, which count only inside an srun step (a batch shell of a multi-task allocation
+also has SLURM_NTASKS, but it is one process).
+"""
+
+from __future__ import annotations
+
+import os
+
+WORKER_ENV = "HYBRID_MEGATRON_WORKER"  # set on worker processes a plain `train` started itself
+
+
+def _slurm_step() -> dict[str, str]:
+    return dict(os.environ) if "SLURM_STEP_ID" in os.environ else {}
+
+
+def launched() -> bool:
+    """True under a launcher (torchrun, srun, our own workers): ranks are set by it."""
+    return "RANK" in os.environ or "SLURM_PROCID" in _slurm_step()
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", _slurm_step().get("SLURM_PROCID", 0)))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", _slurm_step().get("SLURM_NTASKS", 1)))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def is_own_worker() -> bool:
+    """A worker process that a plain `hybrid-megatron train` started (it does the rest)."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity / cgroup cpusets respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
