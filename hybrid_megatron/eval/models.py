@@ -107,7 +107,9 @@ def _hf_source(path: Path) -> ModelSource:
     iteration = meta.get("iteration")
     source = meta.get("source_checkpoint")
     run = _run_name(Path(source)) if source else None
-    return ModelSource(path.absolute().name, path, "hf", iteration, run)
+    # Converted from a training run: named by run and step, not by the folder ("hf").
+    name = f"{run} step {iteration}" if run and iteration is not None else path.absolute().name
+    return ModelSource(name, path, "hf", iteration, run)
 
 
 def describe_model(path: str | os.PathLike) -> ModelSource:

@@ -76,17 +76,20 @@ def plot_niah_heatmaps(results: Results, out_dir: Path) -> list[Path]:
                 [per_len[n].get(label, {}).get("score", float("nan")) for label in labels]
                 for n in lengths
             ]
-            fig, ax = _figure(1.2 + 0.7 * len(depths), 1.2 + 0.45 * len(lengths))
+            title = f"{name}: {task}"
+            # Cells wide enough for "100", rows tall enough for a label; the title fits too.
+            width = max(4.5, 2.2 + 0.6 * len(depths), 0.09 * len(title))
+            fig, ax = _figure(width, 1.6 + 0.5 * len(lengths))
             image = ax.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(depths)), labels)
             ax.set_yticks(range(len(lengths)), [_length_label(int(n)) for n in lengths])
             for i, row in enumerate(values):
                 for j, v in enumerate(row):
                     if v == v:  # not NaN
-                        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+                        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9)
             ax.set_xlabel("needle depth (%)")
             ax.set_ylabel("context length (tokens)")
-            ax.set_title(f"{name}: {task}")
+            ax.set_title(title)
             fig.colorbar(image, ax=ax, label="score")
             written.append(_save(fig, out_dir / f"heatmap_{_slug(name)}_{_slug(task)}.png"))
     return written
@@ -103,35 +106,58 @@ def task_curves(m: Mapping[str, Any]) -> dict[str, dict[int, float]]:
     return curves
 
 
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def _bar_scores(ax, curves: dict[str, dict[int, float]], length: int) -> None:
+    """One length: a bar per task with its value written on it (zeros stay visible)."""
+    labels = list(curves)
+    values = [curves[label][length] for label in labels]
+    bars = ax.bar(range(len(labels)), values, color=[f"C{i}" for i in range(len(labels))])
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:g}", (bar.get_x() + bar.get_width() / 2, v), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=9)  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0)
+    ax.set_xlabel(f"task at {_length_label(length)} tokens")
+
+
+def _line_scores(ax, curves: dict[str, dict[int, float]]) -> None:
+    """Several lengths: a line per task, distinct markers, offset so equal scores all show."""
+    n = len(curves)
+    for i, (label, per_len) in enumerate(curves.items()):
+        xs = sorted(per_len)
+        shift = 2 ** (0.04 * (i - (n - 1) / 2))  # a few percent on the log2 axis
+        ax.plot([x * shift for x in xs], [per_len[x] for x in xs], marker=_MARKERS[i % 11],
+                markersize=7, label=label, zorder=3)  # fmt: skip
+    lengths = sorted({x for per_len in curves.values() for x in per_len})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_length_label(x) for x in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+    ax.legend(fontsize=8)
+
+
 def plot_score_vs_length(results: Results, out_dir: Path) -> list[Path]:
-    """Per model: score against context length, one line per task plus the average."""
+    """Per model: score against context length, one line per task plus the average (a bar
+    chart when only one length was evaluated)."""
     written = []
     for name, m in results["models"].items():
         curves = task_curves(m)
         if not curves:
             continue
         fig, ax = _figure()
-        for label, per_len in curves.items():
-            xs = sorted(per_len)
-            ax.plot(xs, [per_len[x] for x in xs], marker="o", label=label)
+        lengths = {x for per_len in curves.values() for x in per_len}
         avg = m.get("average_by_length") or {}
-        if len(m.get("tasks", {})) > 1 and avg:
-            xs = sorted(avg, key=int)
-            ax.plot(
-                [int(x) for x in xs],
-                [avg[x] for x in xs],
-                color="black",
-                linewidth=2.5,
-                marker="s",
-                label="average",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("score")
-        ax.set_ylim(-2, 102)
+        if len(lengths) == 1:
+            _bar_scores(ax, curves, lengths.pop())
+        else:
+            if len(m.get("tasks", {})) > 1 and avg:
+                curves["average"] = {int(x): v for x, v in avg.items()}
+            _line_scores(ax, curves)
+        ax.set_ylabel("score (x100)")
+        ax.set_ylim(-4, 108)  # markers and labels at 0 and 100 stay inside the axes
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
         written.append(_save(fig, out_dir / f"score_vs_length_{_slug(name)}.png"))
     return written
 

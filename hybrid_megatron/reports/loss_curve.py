@@ -1,6 +1,7 @@
 """Loss curves of one or more runs from their `metrics.jsonl` files.
 
-`hybrid-megatron plot RUN_DIR [RUN_DIR ...] --out loss.png [--smooth N] [--x tokens] [--log]`
+`hybrid-megatron plot RUN_DIR [RUN_DIR ...] [--out PNG] [--smooth N] [--x tokens] [--y linear]
+[--log-x]`
 """
 
 from __future__ import annotations
@@ -91,17 +92,25 @@ def _unique_names(runs: list[RunCurves], dirs: list[Path]) -> None:
             run.name = str(d)
 
 
+def _auto_smooth(points: int) -> int:
+    """A moving-average window that shows the trend of a long, noisy curve (1: none)."""
+    return max(1, points // 40) if points > 100 else 1
+
+
 def plot_loss_curves(
     run_dirs: list[Path],
     out_png: Path,
-    smooth: int = 0,
+    smooth: int | None = None,
     x: XAxis = "step",
-    log_scale: bool = False,
+    log_x: bool = False,
+    log_y: bool = True,
 ) -> Path:
-    """Draw train loss (and validation points) of each run to `out_png`; returns the path.
+    """Draw each run's train loss, validation loss and learning rate to `out_png`.
 
-    `smooth` > 1 draws a trailing moving average over that many points on top of the faint
-    raw curve; `x` is the step or the tokens seen; `log_scale` makes both axes logarithmic.
+    Top panel: loss (log y by default, so the long tail stays readable next to the first
+    steps), train as a line (faint raw values under a moving average of `smooth` points,
+    default chosen from the length) and validation as dashed markers in a contrasting colour.
+    Bottom panel: the learning rate. `x` is the step or the tokens seen.
     """
     if x not in ("step", "tokens"):
         raise ValueError(f"x must be 'step' or 'tokens', got {x!r}")
@@ -111,54 +120,71 @@ def plot_loss_curves(
     runs = [load_run(d) for d in dirs]
     _unique_names(runs, dirs)
 
-    from matplotlib import rcParams
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    has_lr = any(r.get("lr") is not None for run in runs for r in run.train.values())
+    fig = Figure(figsize=(8, 6.5 if has_lr else 5))
+    if has_lr:
+        ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        ax, ax_lr = fig.add_subplot(), None
     for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
+        train_color, valid_color = f"C{(2 * i) % 10}", f"C{(2 * i + 1) % 10}"
         if run.train:
             xs = run.x_of(run.train, x)
             ys = [r["loss"] for r in run.train.values()]
-            if smooth > 1:
-                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-                ys = smooth_values(ys, smooth)
-            ax.plot(xs, ys, color=color, label=f"{run.name} train")
+            window = _auto_smooth(len(ys)) if smooth is None else smooth
+            if window > 1:
+                ax.plot(xs, ys, color=train_color, alpha=0.25, linewidth=0.8)
+                ys = smooth_values(ys, window)
+            label = f"{run.name} train" + (f" ({window}-step mean)" if window > 1 else "")
+            ax.plot(xs, ys, color=train_color, label=label)
+            if ax_lr is not None:
+                lrs = [(xv, r["lr"]) for xv, r in zip(xs, run.train.values()) if r.get("lr")]
+                if lrs:
+                    ax_lr.plot(*zip(*lrs), color=train_color, label=run.name)
         if run.valid:
             ax.plot(
                 run.x_of(run.valid, x),
                 [r["loss"] for r in run.valid.values()],
-                color=color,
+                color=valid_color,
                 marker="o",
                 linestyle="--",
                 label=f"{run.name} valid",
             )
-    ax.set_xlabel("tokens" if x == "tokens" else "step")
-    ax.set_ylabel("loss")
-    if log_scale:
-        ax.set_xscale("log")
+    ax.set_ylabel("loss (nats/token)")
+    if log_y:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 3, 4, 6 rather than 3x10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    bottom = ax_lr if ax_lr is not None else ax
+    if ax_lr is not None:
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.grid(True, alpha=0.3)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    bottom.set_xlabel("tokens" if x == "tokens" else "step")
+    if log_x:
+        bottom.set_xscale("log")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # log axes drop non-positive x (step 0) with a warning
+        warnings.simplefilter("ignore")  # log axes drop non-positive values with a warning
         fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
     return out_png
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Handler of `hybrid-megatron plot`; prints the error and returns 2 for unusable runs."""
+    run_dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else run_dirs[0] / "loss.png"
     try:
         out = plot_loss_curves(
-            [Path(d) for d in args.run_dirs],
-            Path(args.out),
-            smooth=args.smooth,
-            x=args.x,
-            log_scale=args.log,
+            run_dirs, out, smooth=args.smooth, x=args.x, log_x=args.log_x, log_y=args.y == "log"
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"hybrid-megatron plot: {e}", file=sys.stderr)
@@ -169,13 +195,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def add_plot_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `plot` on a CLI's subparsers; the handler is in `func`."""
-    plot = subparsers.add_parser("plot", help="plot loss curves of runs from their metrics.jsonl")
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    plot.add_argument("--out", default="loss.png", help="output PNG (default: loss.png)")
-    plot.add_argument(
-        "--smooth", type=int, default=0, metavar="N", help="moving average over N points"
+    plot = subparsers.add_parser(
+        "plot", help="plot loss curves (and learning rate) of runs from their metrics.jsonl"
     )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--out", help="output PNG (default: RUN_DIR/loss.png of the first run)")
+    plot.add_argument(
+        "--smooth", type=int, default=None, metavar="N",
+        help="moving average over N points (default: from the curve length; 0 or 1: none)",
+    )  # fmt: skip
     plot.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis")
-    plot.add_argument("--log", action="store_true", help="log-scale axes")
+    plot.add_argument("--y", choices=["log", "linear"], default="log", help="loss axis scale")
+    plot.add_argument("--log-x", action="store_true", help="log-scale x axis")
     plot.set_defaults(func=cmd_plot)
     return plot
