@@ -7,6 +7,8 @@ import os
 import sys
 
 from hybrid_megatron import procenv
+from hybrid_megatron.commands import convert, data, plot
+from hybrid_megatron.commands import eval as eval_commands
 from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
 
 
@@ -174,19 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where checkpoints and metrics go (default runs/NAME)")
     train.add_argument("--steps", type=int, help="override train.steps")
     train.set_defaults(func=cmd_train)
-    from hybrid_megatron.reports.loss_curve import add_plot_subcommand
-
-    add_plot_subcommand(sub)
-    from hybrid_megatron.data.cli import add_preprocess_subcommand, add_train_tokenizer_subcommand
-    from hybrid_megatron.hf.cli import add_convert_subcommands
-
-    add_preprocess_subcommand(sub)
-    add_train_tokenizer_subcommand(sub)
-
-    add_convert_subcommands(sub)
-    from hybrid_megatron.eval.cli import add_eval_subcommands
-
-    add_eval_subcommands(sub)
+    # Each group registers its subcommands; handlers import what they need when they run, so
+    # `--help` and argument errors stay fast (no torch / transformers / Megatron import).
+    for group in (plot, data, convert, eval_commands):
+        group.add_subcommands(sub)
     return parser
 
 

@@ -53,3 +53,20 @@ def test_moe_without_transformer_engine_is_a_clear_error():
     )
     assert out.returncode != 0
     assert "MoE layers ('E') need Transformer Engine" in out.stderr
+
+
+def test_help_imports_no_heavy_library():
+    """`hybrid-megatron --help` builds every subcommand's parser without torch, transformers
+    or Megatron (it took 12 s when every subcommand imported them)."""
+    code = (
+        "import sys; from hybrid_megatron.cli import build_parser; build_parser(); "
+        "heavy = ('torch', 'transformers', 'megatron', 'numpy'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "hybrid_megatron.cli", "--help"], capture_output=True, text=True
+    ).stdout
+    for command in ("train", "plot", "preprocess", "train-tokenizer", "convert", "eval"):
+        assert command in help_text

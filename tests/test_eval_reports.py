@@ -159,7 +159,7 @@ def test_rows_merge_across_world_sizes_and_survive_cut_off_lines(tmp_path):
 
 
 def test_plots_and_eval_report_cli(tmp_path, capsys):
-    from hybrid_megatron.eval.cli import add_eval_subcommands
+    from hybrid_megatron.commands.eval import add_subcommands as add_eval_subcommands
     from hybrid_megatron.reports.eval_plots import load_results, write_plots
 
     rows = _rows()

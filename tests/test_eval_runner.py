@@ -219,7 +219,7 @@ def _cli(out: Path, model: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "hybrid_megatron.eval.cli",
+        "hybrid_megatron.cli",
         "eval",
         "--model",
         str(model),
@@ -454,7 +454,7 @@ def test_model_resolution_and_shards(hf_dir, tmp_path):
 def test_cli_parses_sweeps(tmp_path):
     import argparse
 
-    from hybrid_megatron.eval.cli import add_eval_subcommands
+    from hybrid_megatron.commands.eval import add_subcommands as add_eval_subcommands
     from hybrid_megatron.eval.runner import parse_task_options
 
     parser = argparse.ArgumentParser()

@@ -105,9 +105,9 @@ def _convert_round_trip(root: str):
     import io
     import warnings
 
+    from hybrid_megatron.commands.convert import add_subcommands as add_convert_subcommands
     from hybrid_megatron.hf import hf_to_megatron, megatron_io, megatron_to_hf
     from hybrid_megatron.hf import weight_mapping as wm
-    from hybrid_megatron.hf.cli import add_convert_subcommands
     from hybrid_megatron.hf.convert import ConversionError
 
     root = Path(root)
@@ -413,8 +413,8 @@ def test_refuses_moe_and_existing_output(tmp_path, existing_output):
 
 
 def test_cli_reports_refusals(tmp_path, existing_output):
+    from hybrid_megatron.commands.convert import add_subcommands as add_convert_subcommands
     from hybrid_megatron.errors import ConfigError
-    from hybrid_megatron.hf.cli import add_convert_subcommands
 
     parser = argparse.ArgumentParser()
     add_convert_subcommands(parser.add_subparsers(dest="command", required=True))

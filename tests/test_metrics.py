@@ -243,7 +243,8 @@ def test_smooth_values_is_a_trailing_mean():
 def test_plot_subcommand_and_missing_metrics_error(tmp_path, capsys):
     import argparse
 
-    from hybrid_megatron.reports.loss_curve import add_plot_subcommand, plot_loss_curves
+    from hybrid_megatron.commands.plot import add_subcommands as add_plot_subcommand
+    from hybrid_megatron.reports.loss_curve import plot_loss_curves
 
     parser = argparse.ArgumentParser(prog="hybrid-megatron")
     add_plot_subcommand(parser.add_subparsers(dest="command", required=True))

@@ -1,23 +1,15 @@
-"""Loss curves of one or more runs from their `metrics.jsonl` files.
-
-`hybrid-megatron plot RUN_DIR [RUN_DIR ...] [--out PNG] [--smooth N] [--x tokens] [--y linear]
-[--log-x]`
-"""
+"""Loss curves of one or more runs from their `metrics.jsonl` files (`hybrid-megatron plot`)."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Literal
 
-from hybrid_megatron.training.metrics import METRICS_FILE, read_metrics
-
 XAxis = Literal["step", "tokens"]
 
-__all__ = ["RunCurves", "add_plot_subcommand", "load_run", "plot_loss_curves", "smooth_values"]
+__all__ = ["RunCurves", "load_run", "plot_loss_curves", "smooth_values"]
 
 
 class RunCurves:
@@ -53,6 +45,8 @@ def _interpolate(points: dict[int, float], step: int) -> float:
 
 def load_run(run_dir: Path) -> RunCurves:
     """Read a run's metrics; FileNotFoundError/ValueError with a clear message if unusable."""
+    from hybrid_megatron.training.metrics import METRICS_FILE, read_metrics
+
     path = run_dir / METRICS_FILE
     if not path.is_file():
         hint = "" if run_dir.is_dir() else " (the directory does not exist)"
@@ -176,36 +170,3 @@ def plot_loss_curves(
         warnings.simplefilter("ignore")  # log axes drop non-positive values with a warning
         fig.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
     return out_png
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    """Handler of `hybrid-megatron plot`; prints the error and returns 2 for unusable runs."""
-    run_dirs = [Path(d) for d in args.run_dirs]
-    out = Path(args.out) if args.out else run_dirs[0] / "loss.png"
-    try:
-        out = plot_loss_curves(
-            run_dirs, out, smooth=args.smooth, x=args.x, log_x=args.log_x, log_y=args.y == "log"
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"hybrid-megatron plot: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-def add_plot_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `plot` on a CLI's subparsers; the handler is in `func`."""
-    plot = subparsers.add_parser(
-        "plot", help="plot loss curves (and learning rate) of runs from their metrics.jsonl"
-    )
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    plot.add_argument("--out", help="output PNG (default: RUN_DIR/loss.png of the first run)")
-    plot.add_argument(
-        "--smooth", type=int, default=None, metavar="N",
-        help="moving average over N points (default: from the curve length; 0 or 1: none)",
-    )  # fmt: skip
-    plot.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis")
-    plot.add_argument("--y", choices=["log", "linear"], default="log", help="loss axis scale")
-    plot.add_argument("--log-x", action="store_true", help="log-scale x axis")
-    plot.set_defaults(func=cmd_plot)
-    return plot

@@ -6,16 +6,14 @@
     hybrid-megatron eval --all-checkpoints runs/a --tasks passkey --grid --output eval/a
     hybrid-megatron eval-report eval/a [eval/b ...] [--output report/]
 
-`python -m hybrid_megatron.eval.cli eval ...` runs the same without the main CLI.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from hybrid_megatron.errors import ConfigError, GenerationCheckError
+from hybrid_megatron.errors import ConfigError
 
 
 def _csv(text: str) -> list[str]:
@@ -93,7 +91,7 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_subcommands(subparsers: argparse._SubParsersAction) -> None:
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval` and `eval-report` on a CLI's subparsers (handlers in `func`)."""
     ev = subparsers.add_parser(
         "eval",
@@ -196,22 +194,3 @@ def add_eval_subcommands(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--output", help="where results and plots go (default: the first DIR)")
     rep.add_argument("--no-plots", action="store_true")
     rep.set_defaults(func=cmd_eval_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: `python -m hybrid_megatron.eval.cli {eval,eval-report} ...`."""
-    parser = argparse.ArgumentParser(prog="hybrid-megatron")
-    add_eval_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"hybrid-megatron: config error: {err}", file=sys.stderr)
-        return 2
-    except GenerationCheckError as err:
-        print(f"hybrid-megatron: {err}", file=sys.stderr)
-        return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())

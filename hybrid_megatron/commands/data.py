@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybrid_megatron.data.preprocess import TXT_MODES, preprocess
-
 
 def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.txt files or dirs")
     parser.add_argument("--json-key", default="text", help="JSON key holding the text")
-    parser.add_argument("--txt-mode", choices=TXT_MODES, default="file")
+    parser.add_argument("--txt-mode", choices=("file", "paragraph"), default="file")
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +38,8 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Run preprocessing; DataError (a ConfigError) is reported by the caller with exit 2."""
+    from hybrid_megatron.data.preprocess import preprocess
+
     preprocess(
         args.input,
         args.output_prefix,
@@ -50,6 +50,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval,
     )
     return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register `preprocess` and `train-tokenizer` on a CLI's subparsers."""
+    add_preprocess_subcommand(subparsers)
+    add_train_tokenizer_subcommand(subparsers)
 
 
 def add_preprocess_subcommand(subparsers) -> None:
@@ -79,15 +85,12 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def add_train_tokenizer_subcommand(subparsers) -> None:
-    from hybrid_megatron.data import train_tokenizer
-
-    doc = train_tokenizer.__doc__ or ""
     parser = subparsers.add_parser(
         "train-tokenizer",
         help="train a byte-level BPE tokenizer on .jsonl/.txt files (offline)",
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a byte-level BPE tokenizer on local .jsonl/.txt files, offline. The "
+        "result is a Hugging Face tokenizer directory usable as data.tokenizer, by preprocess, "
+        "conversion and evaluation; digits are single tokens, <eod> and <pad> are special.",
     )
     _add_input_arguments(parser)
     parser.add_argument("--vocab-size", type=int, required=True)

@@ -1,7 +1,7 @@
 """`convert` subcommands (to-hf, from-hf, verify) for the hybrid-megatron command line.
 
-Wire into the main parser with `add_convert_subcommands(subparsers)`; handlers return an exit
-code and raise ConfigError (exit 2 in `hybrid_megatron.cli.main`) for refused conversions.
+Wire into the main parser with `add_subcommands(subparsers)`; handlers return an exit code and
+raise ConfigError (exit 2 in `hybrid_megatron.cli.main`) for refused conversions.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def add_convert_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `convert {to-hf,from-hf,verify}` to a parser's subcommands; returns `convert`."""
     convert = subparsers.add_parser(
         "convert", help="convert checkpoints between Megatron and Hugging Face formats"
