@@ -544,3 +544,15 @@ def test_lm_eval_harness_hf_model(hf_dir, tmp_path):
         for g in b
     }
     assert texts == [expected[0], expected[1]]
+
+
+def test_progress_eta_weights_samples_by_length(monkeypatch, capsys):
+    """One 1000-token sample took 10 s; nine 100-token samples remain: ETA 9 s, not 90 s."""
+    from hybrid_megatron.eval import runner
+
+    clock = iter([0.0, 10.0, 10.0, 10.0])
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    progress = runner.Progress([1000] + [100] * 9, every=1, prefix="[eval]")
+    progress.update(1, 1000)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("[eval] 1/10 samples (10%)") and line.endswith("ETA 0m09s"), line

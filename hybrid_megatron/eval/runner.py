@@ -188,23 +188,41 @@ def missing_data(settings: EvalSettings) -> dict[str, str]:
 
 
 class Progress:
-    """A line every `every` samples: done/total, samples/s and ETA."""
+    """Progress lines: done/total samples, samples/s and an ETA weighted by sample length.
 
-    def __init__(self, total: int, every: int, prefix: str) -> None:
-        self.total, self.every, self.prefix = total, max(1, every), prefix
-        self.done = 0
-        self.start = time.perf_counter()
+    A line every `every` samples, at least every `interval` seconds while work goes on, and at
+    the end. Samples of different lengths cost very different times, so the ETA divides the
+    tokens still to do by the tokens done per second (not samples by samples per second).
+    """
 
-    def update(self, n: int = 1) -> None:
+    def __init__(
+        self, lengths: Sequence[int], every: int, prefix: str, interval: float = 30.0
+    ) -> None:
+        self.total, self.every, self.prefix = len(lengths), max(1, every), prefix
+        self.total_tokens = sum(lengths)
+        self.done = self.done_tokens = 0
+        self.interval = interval
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1, tokens: int = 0) -> None:
         before = self.done
         self.done += n
-        if self.done // self.every > before // self.every or self.done == self.total:
+        self.done_tokens += tokens
+        now = time.perf_counter()
+        if (
+            self.done // self.every > before // self.every
+            or self.done == self.total
+            or now - self.last >= self.interval
+        ):
+            self.last = now
             print(self.line(), flush=True)
 
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        token_rate = self.done_tokens / elapsed
+        left_tokens = self.total_tokens - self.done_tokens
+        left = left_tokens / token_rate if token_rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
         return (
             f"{self.prefix} {self.done}/{self.total} samples ({pct:.0f}%), "
@@ -281,14 +299,16 @@ class _Worker:
         """Record a finished item; `counts=False` for skips (not samples for --stop-after)."""
         self.writer.write(row)
         if self.progress is not None:
-            self.progress.update()
+            self.progress.update(1, int(row.get("length") or 0))
         if counts:
             self.new_rows += 1
             if self.s.stop_after is not None and self.new_rows >= self.s.stop_after:
                 raise _Stop
 
     def run(self, sources: Sequence[ModelSource], todo: Sequence[WorkItem]) -> None:
-        self.progress = Progress(len(todo), self.s.log_every, f"[eval {self.shard.tag}]")
+        self.progress = Progress(
+            [it.length for it in todo], self.s.log_every, f"[eval {self.shard.tag}]"
+        )
         device = resolve_device(self.s.device, self.shard.local_rank)
         cache = self.s.output / store.CONVERTED_DIR
         pending = [s for s in sources if any(it.model == s.name for it in todo)]
