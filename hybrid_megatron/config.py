@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.pattern import compile_pattern
 
 AttentionBackend = Literal["auto", "sdpa", "flex", "flash_attn", "te"]
 MambaBackend = Literal["auto", "torch", "mamba_ssm"]
@@ -261,8 +262,6 @@ class RunConfig:
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for the first invalid setting (before any process group starts)."""
-        from hybrid_megatron.pattern import compile_pattern
-
         validate_model(self.model)
         validate_parallel(self.model, self.parallel, world_size)
         compile_pattern(self.model, self.parallel)

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hybrid_megatron.config import ModelConfig, ParallelConfig
 from hybrid_megatron.errors import ConfigError
+
+if TYPE_CHECKING:  # the config imports this module: types only, so imports point one way
+    from hybrid_megatron.config import ModelConfig, ParallelConfig
 
 
 class LayerKind(enum.StrEnum):
@@ -117,9 +120,9 @@ def parse_pattern(pattern: str) -> list[list[LayerKind]]:
 
 
 def _split_stages(
-    stages: list[list[LayerKind]], num_layers: int, parallel: ParallelConfig
+    stages: list[list[LayerKind]], num_layers: int, parallel: ParallelConfig | None
 ) -> list[tuple[int, int]]:
-    chunks = parallel.pipeline * (parallel.virtual_pipeline or 1)
+    chunks = (parallel.pipeline * (parallel.virtual_pipeline or 1)) if parallel else 1
     if len(stages) > 1:
         if len(stages) != chunks:
             raise ConfigError(
@@ -150,8 +153,8 @@ def _split_stages(
 
 
 def compile_pattern(model: ModelConfig, parallel: ParallelConfig | None = None) -> CompiledPattern:
-    """Compile `model.pattern` to per-layer plans and Megatron-Core's settings."""
-    parallel = parallel or ParallelConfig()
+    """Compile `model.pattern` to per-layer plans and Megatron-Core's settings (no `parallel`:
+    one pipeline stage)."""
     stages = parse_pattern(model.pattern)
     kinds = [k for stage in stages for k in stage]
     if model.num_layers is not None and model.num_layers != len(kinds):

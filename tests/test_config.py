@@ -637,7 +637,7 @@ def test_tiny_config_contents_and_overrides():
 
 
 def test_synthetic_mix_errors_name_the_key(tmp_path):
-    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_base.yaml")
     with pytest.raises(ConfigError, match=r"data\.synthetic\.niah_fraction=0\.7.*sum <= 1"):
         load_config(tiny, ["data.synthetic.niah_fraction=0.7", "data.synthetic.copy_fraction=0.5"])
     with pytest.raises(ConfigError, match=r"copy_fraction=-0\.1.*>= 0"):
