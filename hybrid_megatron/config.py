@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from hybrid_megatron.errors import ConfigError
-from hybrid_megatron.pattern import compile_pattern
+from hybrid_megatron.pattern import CompiledPattern, compile_pattern
 
 AttentionBackend = Literal["auto", "sdpa", "flex", "flash_attn", "te"]
 MambaBackend = Literal["auto", "torch", "mamba_ssm"]
@@ -257,6 +257,16 @@ class RunConfig:
     after_training: AfterTrainingConfig = field(default_factory=AfterTrainingConfig)
 
     @property
+    def compiled(self) -> CompiledPattern:
+        """`model.pattern` compiled under `parallel`, once: kept until either section changes."""
+        key = repr((self.model, self.parallel))
+        cached = self.__dict__.get("_compiled")
+        if cached is None or cached[0] != key:
+            cached = (key, compile_pattern(self.model, self.parallel))
+            self.__dict__["_compiled"] = cached
+        return cached[1]
+
+    @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
@@ -264,7 +274,7 @@ class RunConfig:
         """Raise ConfigError for the first invalid setting (before any process group starts)."""
         validate_model(self.model)
         validate_parallel(self.model, self.parallel, world_size)
-        compile_pattern(self.model, self.parallel)
+        _ = self.compiled  # compiles (and so checks) the pattern
         validate_training(self)
 
 

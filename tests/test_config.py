@@ -725,3 +725,23 @@ def test_paper_configs_ask_for_a_tokenizer_instead_of_falling_back_to_bytes(name
         validate_data_source(cfg)
     validate_data_source(load_config(REPO_ROOT / "configs" / "paper" / f"{name}.yaml",
                                      ["data.tokenizer=/some/tokenizer"]))  # fmt: skip
+
+
+def test_pattern_is_compiled_once_per_config(monkeypatch):
+    """validate(), the model builders and the FLOP count share one compiled plan."""
+    import dataclasses
+
+    from hybrid_megatron import config as config_module
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.training.flops import model_flops_per_sequence
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")
+    calls = []
+    real = config_module.compile_pattern
+    monkeypatch.setattr(config_module, "compile_pattern", lambda *a: calls.append(a) or real(*a))
+    cfg.validate()
+    plan = cfg.compiled
+    model_flops_per_sequence(cfg)
+    assert cfg.compiled is plan and len(calls) == 1
+    cfg.model = dataclasses.replace(cfg.model, pattern="M-*-")  # a changed config recompiles
+    assert cfg.compiled.megatron_pattern == "M-*-" and len(calls) == 2

@@ -14,7 +14,7 @@ from hybrid_megatron.model.transformer_config import (
     HybridTransformerConfig,
     build_transformer_config,
 )
-from hybrid_megatron.pattern import CompiledPattern, compile_pattern
+from hybrid_megatron.pattern import CompiledPattern
 
 
 class HybridModel(MambaModel):
@@ -49,7 +49,7 @@ def build_model(
 ) -> MambaModel:
     """One model chunk for this rank. Model-parallel state must be initialised first
     (`hybrid_megatron.distributed.initialize`)."""
-    compiled = compiled or compile_pattern(cfg.model, cfg.parallel)
+    compiled = compiled or cfg.compiled
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tconfig = tconfig or build_transformer_config(
         cfg, compiled, params_dtype=params_dtype, use_cpu_initialization=device.type == "cpu"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from hybrid_megatron.config import RunConfig
-from hybrid_megatron.pattern import CompiledPattern, compile_pattern
+from hybrid_megatron.pattern import CompiledPattern
 
 
 @dataclass
@@ -44,7 +44,7 @@ def build_transformer_config(
 ) -> HybridTransformerConfig:
     """Megatron TransformerConfig for `cfg` (pattern compiled here if not given)."""
     m, p = cfg.model, cfg.parallel
-    compiled = compiled or compile_pattern(m, p)
+    compiled = compiled or cfg.compiled
     rotary_base = model_rotary_base(compiled)
     swiglu = m.activation == "swiglu"
     return HybridTransformerConfig(

@@ -141,8 +141,9 @@ def model_flops_per_sequence(
     `seq_length` defaults to the config's. Multiply by sequences per step for a step's FLOPs.
     """
     m = cfg.model if isinstance(cfg, RunConfig) else cfg
+    compiled = cfg.compiled if isinstance(cfg, RunConfig) else compile_pattern(m)
     s = seq_length or m.seq_length
-    forward = sum(lf.total for lf in layer_flops(m, compile_pattern(m), s))
+    forward = sum(lf.total for lf in layer_flops(m, compiled, s))
     forward += 2 * s * m.hidden_size * m.vocab_size
     return 3 * forward if training else forward
 

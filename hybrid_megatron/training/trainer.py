@@ -40,7 +40,6 @@ from hybrid_megatron.config import (
 )
 from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
-from hybrid_megatron.pattern import compile_pattern
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
@@ -83,7 +82,7 @@ def _precision(cfg: RunConfig, device: torch.device) -> bool:
 
 def build_model_chunks(cfg: RunConfig, device: torch.device, bf16: bool) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), before DDP wrapping."""
-    compiled = compile_pattern(cfg.model, cfg.parallel)
+    compiled = cfg.compiled
     dtype = torch.bfloat16 if bf16 else torch.float32
     vpp = cfg.parallel.virtual_pipeline or 1
     chunks = []
