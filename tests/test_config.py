@@ -739,6 +739,7 @@ def test_pattern_is_compiled_once_per_config(monkeypatch):
     calls = []
     real = config_module.compile_pattern
     monkeypatch.setattr(config_module, "compile_pattern", lambda *a: calls.append(a) or real(*a))
+    cfg = dataclasses.replace(cfg)  # a fresh config object: nothing compiled yet
     cfg.validate()
     plan = cfg.compiled
     model_flops_per_sequence(cfg)
