@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from hybrid_megatron import procenv
 from hybrid_megatron.commands import convert, data, plot
@@ -193,19 +194,26 @@ def _quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|transformer_engine).*")
 
 
+def _user_error(message: str) -> int:
+    """Exit code 2 with `message` from rank 0 only. Other ranks of a launcher job wait a
+    moment first: the launcher stops the job when a rank exits, possibly before rank 0 has
+    printed the same error."""
+    if procenv.is_rank0():
+        print(f"hybrid-megatron: {message}", file=sys.stderr, flush=True)
+    elif procenv.launched():
+        time.sleep(10)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party_warnings()
     try:
         return args.func(args)
     except ConfigError as e:  # every rank sees the same config: one of them says so
-        if procenv.is_rank0():
-            print(f"hybrid-megatron: config error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(f"config error: {e}")
     except BackendUnavailableError as e:
-        if procenv.is_rank0():
-            print(f"hybrid-megatron: {e}", file=sys.stderr)
-        return 2
+        return _user_error(str(e))
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3

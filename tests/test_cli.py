@@ -70,3 +70,32 @@ def test_help_imports_no_heavy_library():
     ).stdout
     for command in ("train", "plot", "preprocess", "train-tokenizer", "convert", "eval"):
         assert command in help_text
+
+
+def _torchrun_train(run_dir, *sets: str) -> subprocess.CompletedProcess:
+    import os
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "-m", "hybrid_megatron.cli", "train", "configs/tiny_base.yaml", "--run-dir",
+            str(run_dir)]  # fmt: skip
+    for item in sets:
+        args += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_torchrun_job_prints_errors_once_and_the_next_steps(tmp_path):
+    """Under torchrun each rank sees the same config: one message, not one per rank; a
+    finished launcher-owned job prints the pipeline's remaining steps as commands, once."""
+    bad = _torchrun_train(tmp_path / "bad", "optimizer.lr=-1")
+    assert bad.returncode != 0
+    assert (bad.stdout + bad.stderr).count("config error: optimizer.lr=-1") == 1
+    small = ["train.steps=2", "optimizer.warmup_steps=0", "model.seq_length=64",
+             "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0",
+             "data.synthetic.num_docs=200", "checkpoint.interval=0",
+             "after_training.convert_to_hf=true"]  # fmt: skip
+    ok = _torchrun_train(tmp_path / "ok", *small)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("Next steps") == 1
+    assert f"hybrid-megatron plot {tmp_path / 'ok'}" in ok.stdout
+    assert f"hybrid-megatron convert to-hf {tmp_path / 'ok'}" in ok.stdout

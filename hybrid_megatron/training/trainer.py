@@ -230,9 +230,11 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
     num_micro = validate_batch_layout(cfg, dist.get_world_size())
     _check_run_dir_config(cfg, run_dir)
     bf16 = _precision(cfg, device)
+    _log("building datasets")
     datasets = build_train_valid(cfg, run_dir)
     _write_run_config(cfg, run_dir)
 
+    _log(f"building the model on {dist.get_world_size()} rank(s)")
     chunks = build_model_chunks(cfg, device, bf16)
     chunks = wrap_ddp(chunks, chunks[0].config, use_distributed_optimizer=cfg.optimizer.distributed)
     optimizer = build_optimizer(cfg, chunks, bf16)
@@ -262,6 +264,11 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
     log = _StepLogger(cfg, run_dir, device, bf16, progress.iteration)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     steps_this_run = 0
+    if progress.iteration < t.steps:
+        _log(
+            f"training from step {progress.iteration + 1} to {t.steps} (a line every "
+            f"{t.log_interval} steps)"
+        )
     try:
         while progress.iteration < t.steps:
             step_start = time.perf_counter()
