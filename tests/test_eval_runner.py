@@ -556,3 +556,20 @@ def test_progress_eta_weights_samples_by_length(monkeypatch, capsys):
     progress.update(1, 1000)
     line = capsys.readouterr().out.strip()
     assert line.startswith("[eval] 1/10 samples (10%)") and line.endswith("ETA 0m09s"), line
+
+
+def test_cpu_threads_for_evaluation(monkeypatch):
+    """One thread for small models (bench/bench_threads.py), the node's cores shared by its
+    processes for large ones; an explicit request or OMP_NUM_THREADS wins."""
+    from hybrid_megatron.eval import runner
+
+    small = torch.nn.Linear(10, 10)
+    large = torch.nn.Linear(6000, 6000, device="meta")  # 36M parameters, no memory
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner, "available_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runner.cpu_threads(small, None) == 1
+    assert runner.cpu_threads(large, None) == 4
+    assert runner.cpu_threads(small, 3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert runner.cpu_threads(large, None) == torch.get_num_threads()

@@ -77,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         wait_timeout=args.wait_timeout,
         verify_conversion=not args.no_verify_conversion,
         check_generation=not args.skip_generation_check,
+        threads=args.threads,
     )
     run_eval(settings)
     return 0
@@ -177,6 +178,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "--no-verify-conversion",
         action="store_true",
         help="skip the logit check when converting Megatron checkpoints",
+    )
+    ev.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: OMP_NUM_THREADS if set, else 1 for models "
+        "under 20M parameters, else the node's cores over its processes)",
     )
     ev.add_argument(
         "--skip-generation-check",

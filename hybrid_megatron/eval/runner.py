@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,7 @@ from hybrid_megatron.eval.tasks import (
     generate_samples,
     get_task,
 )
+from hybrid_megatron.procenv import available_cores
 
 
 @dataclass
@@ -89,6 +91,7 @@ class EvalSettings:
     wait_timeout: float = 600.0
     verify_conversion: bool = True
     check_generation: bool = True  # cached vs full-forward decoding on each model's 1st prompt
+    threads: int | None = None  # CPU threads per process (None: see `cpu_threads`)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -182,6 +185,27 @@ def missing_data(settings: EvalSettings) -> dict[str, str]:
             raise ConfigError(f"task '{task}': {err}") from err
         gen.check_sample_count(settings.num_samples)
     return skipped
+
+
+# ----------------------------------------------------------------------------- threads
+
+# Below this many parameters a model's matrix products are too small to keep several CPU
+# threads busy: one thread per process is fastest, and immune to an oversubscribed machine
+# (measured with bench/bench_threads.py; the README has the figures).
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def cpu_threads(model: torch.nn.Module, requested: int | None) -> int:
+    """Threads for CPU evaluation: `requested`, else OMP_NUM_THREADS if set, else one for a
+    small model and the cores shared by this node's processes for a larger one."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        return 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
+    return max(1, available_cores() // max(1, local))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -334,9 +358,13 @@ class _Worker:
                 print(f"hybrid-megatron eval: skipping {source.name}: {err}", file=sys.stderr)
                 self.failed[source.name] = str(err)
                 continue
+            threads = ""
+            if device.type == "cpu":
+                torch.set_num_threads(cpu_threads(model, self.s.threads))
+                threads = f", {torch.get_num_threads()} thread(s)"
             print(
                 f"[eval {self.shard.tag}] {info.name}: {len(items)} samples on {info.device} "
-                f"({info.dtype}, tokenizer {info.tokenizer})",
+                f"({info.dtype}{threads}, tokenizer {info.tokenizer})",
                 flush=True,
             )
             try:

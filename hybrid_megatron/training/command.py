@@ -9,7 +9,6 @@ do as commands. A run that already finished says so and does nothing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,14 +106,6 @@ def _prepare_data(cfg: RunConfig) -> None:
         synthetic_prefix(cfg, cfg.resolved_run_dir)
 
 
-def _eval_threads() -> None:
-    """CPU evaluation of small models: one thread (see bench/bench_threads.py)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        torch.set_num_threads(1)
-
-
 def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     """The `train` command for `cfg`; `argv` re-creates it for worker processes."""
     from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
@@ -160,7 +151,6 @@ def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
         done = newest_intact_iteration(cfg)
         if done is None or done < cfg.train.steps:
             return 0  # stopped early (signal): the workers said how to resume
-    _eval_threads()
     run_pipeline(cfg, run_dir, done)
     return 0
 
