@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -379,3 +380,56 @@ def test_train_on_preprocessed_weighted_blend(tmp_path):
     assert [r["step"] for r in _rows(run_dir, "train")] == [1, 2, 3]
     assert not (run_dir / "data" / "synthetic_recall.bin").exists()
     assert "recall probe" not in proc.stdout  # the probe is for the built-in corpus only
+
+
+# --------------------------------------------------------------------------- CPU workers
+
+
+def _procs_of(run_dir: Path) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(run_dir) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def _start_workers(run_dir: Path) -> subprocess.Popen:
+    """A plain `train` with two CPU workers, running until it has logged two steps."""
+    proc = subprocess.Popen(
+        _cli(run_dir, "train.cpu_processes=2", "train.steps=500", "checkpoint.interval=0"),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(_rows(run_dir, "train")) >= 2:
+            return proc
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the workers did not start training: " + proc.communicate()[0][-3000:])
+
+
+def test_plain_cpu_train_runs_workers_that_stop_cleanly_and_die_with_it(tmp_path):
+    """Ctrl-C on a plain `train` with CPU workers: they save and stop, the command exits 0;
+    a SIGKILLed `train` takes its workers with it."""
+    run_dir = tmp_path / "workers"
+    proc = _start_workers(run_dir)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 worker processes x 1 thread" in out and "stopped at step" in out
+    assert "Traceback" not in out  # torchrun saw a clean finish
+    assert list((run_dir / "checkpoints").glob("iter_*/hm_complete.json"))
+    assert not _procs_of(run_dir)
+
+    killed = tmp_path / "killed"
+    proc = _start_workers(killed)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while _procs_of(killed) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _procs_of(killed), "workers outlived the killed train command"

@@ -10,6 +10,7 @@ pipeline itself. Under torchrun or srun nothing is started: the launcher owns th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,22 +52,49 @@ def plan_cpu_processes(cfg: RunConfig, cores: int | None = None) -> int:
     return model_parallel
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when this process dies, even by SIGKILL, so
+    a killed `train` does not leave its workers running on."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_workers(argv: Sequence[str], nproc: int) -> int:
     """Run `hybrid-megatron ARGV` as `nproc` torchrun workers (one thread each); exit code.
 
-    Ctrl-C reaches the workers directly (same process group): they save a checkpoint and
-    stop. SIGTERM to this process is passed on to them.
+    torchrun runs in its own session, so Ctrl-C reaches only this process. A Ctrl-C or
+    SIGTERM here is passed to the workers as SIGTERM: they finish the step, save a checkpoint
+    and exit 0 (they print how to resume), torchrun sees a clean finish, and so does the
+    caller. A second Ctrl-C stops the workers at once (SIGKILL).
     """
+    import psutil
+
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{WORKER_ENV: "1"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "hybrid_megatron.cli", *argv]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    stops = 0
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stops
+        stops += 1
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signal.SIGTERM if stops == 1 else signal.SIGKILL)
+        if stops == 1:
+            print("stopping: the workers save a checkpoint first (Ctrl-C again to kill them)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:  # the workers got it too; wait for their checkpoint
-                continue
+        return proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
