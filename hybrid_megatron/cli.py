@@ -13,18 +13,12 @@ from hybrid_megatron.commands import eval as eval_commands
 from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
 
 
-def _fmt(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the compiled layer plan, pipeline split and parameter counts of a config."""
     from hybrid_megatron.config import load_config
     from hybrid_megatron.model.params import count_params, layer_params
     from hybrid_megatron.pattern import compile_pattern
+    from hybrid_megatron.training.progress import format_count
 
     cfg = load_config(args.config, args.set)
     m, p = cfg.model, cfg.parallel
@@ -49,12 +43,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         window = str(plan.window) if plan.window else ""
         print(
             f"{plan.number:>5}  {stage:>5}  {names[plan.kind.value]:<22} {window:>6}  "
-            f"{rope:<14} {_fmt(layer_params(m, plan.kind))}"
+            f"{rope:<14} {format_count(layer_params(m, plan.kind))}"
         )
     counts = count_params(m)
     print(
-        f"parameters   total {_fmt(counts['total'])}  non-embedding "
-        f"{_fmt(counts['non_embedding'])}  embedding {_fmt(counts['embedding'])}"
+        f"parameters   total {format_count(counts['total'])}  non-embedding "
+        f"{format_count(counts['non_embedding'])}  embedding {format_count(counts['embedding'])}"
         f"{'' if m.tie_embeddings else ' (+ untied output)'}"
     )
     return 0

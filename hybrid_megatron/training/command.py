@@ -21,17 +21,11 @@ from hybrid_megatron.training.after import (
     summary_lines,
     wants_hf,
 )
+from hybrid_megatron.training.progress import format_count
 
 
 def _print(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
 
 
 def newest_intact_iteration(cfg: RunConfig) -> int | None:
@@ -63,8 +57,8 @@ def banner(cfg: RunConfig, nproc: int, cpu: bool, start_step: int | None) -> lis
         device, precision = "CUDA", "bf16" if t.precision == "auto" else t.precision
     lines = [
         f"run          {cfg.name} -> {cfg.resolved_run_dir}",
-        f"model        {m.pattern}  {_human(params['total'])} parameters "
-        f"({_human(params['non_embedding'])} without embeddings), seq {m.seq_length}",
+        f"model        {m.pattern}  {format_count(params['total'])} parameters "
+        f"({format_count(params['non_embedding'])} without embeddings), seq {m.seq_length}",
         f"parallel     tp={p.tensor} pp={p.pipeline} cp={p.context} dp={dp}",
         f"device       {device}, {precision}",
         "data         "
@@ -75,7 +69,8 @@ def banner(cfg: RunConfig, nproc: int, cpu: bool, start_step: int | None) -> lis
         )
         + f", tokenizer {cfg.data.tokenizer}",
         f"training     {t.steps} steps x {t.global_batch_size} sequences = "
-        f"{_human(t.steps * tokens_per_step)} tokens ({_human(tokens_per_step)} per step)"
+        f"{format_count(t.steps * tokens_per_step)} tokens "
+        f"({format_count(tokens_per_step)} per step)"
         + (f", resuming at step {start_step}" if start_step else ""),
     ]
     after = []
