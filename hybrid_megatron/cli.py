@@ -137,12 +137,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     finally:
         distributed.destroy()
-    if result.stopped_by and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) != 0:
+        return 0
+    if result.stopped_by:
         print(
             f"stopped at step {result.iteration} ({result.stopped_by}); checkpoint "
             f"{result.last_checkpoint}. Run the same command to resume.",
             flush=True,
         )
+    if os.environ.get("HM_TRAIN_STATUS"):  # read by the Slurm job script (requeue or not)
+        from hybrid_megatron.launch.status import write_train_status
+
+        write_train_status(os.environ["HM_TRAIN_STATUS"], result, cfg.train.steps)
     return 0
 
 
@@ -196,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hybrid_megatron.eval.cli import add_eval_subcommands
 
     add_eval_subcommands(sub)
+    from hybrid_megatron.launch.cli import add_launch_subcommands
+
+    add_launch_subcommands(sub)
     return parser
 
 
@@ -211,6 +220,7 @@ def _quiet_third_party_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded by `launch` scripts
     _quiet_third_party_warnings()
     try:
         return args.func(args)
