@@ -611,9 +611,10 @@ def _cluster_problem() -> str | None:
         )
     except (subprocess.SubprocessError, OSError) as err:
         return f"sinfo failed: {err}"
-    nodes = {ln.split()[0] for ln in out.stdout.splitlines() if ln.split()[1:2] == ["idle"]}
+    up = ("idle", "mixed", "allocated", "completing")
+    nodes = {ln.split()[0] for ln in out.stdout.splitlines() if ln.split()[-1] in up}
     if len(nodes) < 2:
-        return f"needs two idle nodes; sinfo says {out.stdout.strip() or out.stderr.strip()!r}"
+        return f"needs two nodes up; sinfo says {out.stdout.strip() or out.stderr.strip()!r}"
     return None
 
 
@@ -683,15 +684,15 @@ def _submit_all(base: Path, cpu: list[str], jobs: dict):
             "--then", "convert,eval", "--eval-tasks", "passkey", "--eval-lengths", EVAL_LENGTH,
             "--eval-samples", "1", "--job-name", "e2e-srun",
         )  # fmt: skip
-        # Time limit 3 min, warning 30 s before. Slurm checks limits every 30 s and sends
-        # the warning once at most 30 + 30 s remain: 120-150 s after the start, and ends the
-        # job 60 s later. The first attempt sleeps 6 s per step so that it still runs then;
-        # the second has >= 120 s to finish the rest.
+        # Time limit 4 min, warning 60 s before. Slurm checks limits every 30 s and sends
+        # the warning once at most 60 + 30 s remain: 150-180 s after the start; it ends the
+        # job 90 s later. The first attempt sleeps 7 s per step so that it still runs then;
+        # the second has >= 150 s to finish the rest.
         jobs["requeue"] = _launch_json(
-            "slurm", TINY, *SETS, "--nodes", "2", "--gpus-per-node", "0", "--time", "3",
-            "--signal-seconds", "30", "--mode", "torchrun", "--run-dir", str(base / "requeue"),
+            "slurm", TINY, *SETS, "--nodes", "2", "--gpus-per-node", "0", "--time", "4",
+            "--signal-seconds", "60", "--mode", "torchrun", "--run-dir", str(base / "requeue"),
             "--setup", "[[ -n ${SLURM_RESTART_COUNT:-} ]] || "
-            "export HYBRID_MEGATRON_FAULT=slow_steps:6",
+            "export HYBRID_MEGATRON_FAULT=slow_steps:7",
             "--job-name", "e2e-requeue",
         )  # fmt: skip
         # Rank 0 is killed while it saves at step 15: a real failure.

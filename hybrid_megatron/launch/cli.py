@@ -69,7 +69,8 @@ def _print_jobs(jobs, records, as_json: bool) -> None:
         for i, job in enumerate(jobs):
             if len(jobs) > 1:
                 deps = " ".join(dependency_args(job, ids))
-                print(f"# ===== job {i + 1}/{len(jobs)}: {job.stage}  (sbatch {deps})".rstrip())
+                after = f"  (sbatch {deps})" if deps else ""
+                print(f"# ===== job {i + 1}/{len(jobs)}: {job.stage}{after}")
             print(job.script, end="" if job.script.endswith("\n") else "\n")
         return
     if as_json:

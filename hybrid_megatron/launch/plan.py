@@ -152,10 +152,12 @@ class _Common:
             setup=list(self.o.setup),
         )
 
-    def step_job(self, stage: str, name: str, argv: list[str], after: int | None) -> Job:
+    def step_job(
+        self, stage: str, name: str, argv: list[str], after: int | None, gpu: bool = True
+    ) -> Job:
         """A one-task job (conversion, evaluation, report) on one node, one GPU if any."""
         o = self.o
-        gpus = 1 if o.gpus_per_node else 0
+        gpus = 1 if o.gpus_per_node and gpu else 0
         sbatch = self.sbatch(name, 1, 1, o.cpus_per_task, gpus)
         log = str(self.log_dir / "%x-%j.out")
         sbatch += [f"--output={log}", *o.sbatch_args]
@@ -182,7 +184,7 @@ def _base_env(o: SlurmOptions, log_dir: Path, tp_or_cp: bool) -> dict[str, str]:
             TORCH_NCCL_DUMP_ON_TIMEOUT="1",
             TORCH_NCCL_DEBUG_INFO_TEMP_FILE=f"{log_dir}/nccl_trace_${{SLURM_JOB_ID}}_rank_",
         )
-        if tp_or_cp:  # TP/CP communication overlaps compute only with one hardware queue
+        if tp_or_cp:  # TP/CP comm/compute overlap needs kernels to start in issue order
             env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     return env
 
@@ -367,7 +369,7 @@ def plan_sweep(
     ]
     jobs = [Job("sweep", name, script, log)]
     report = ["eval-report", *parts, "--output", str(out)]
-    jobs.append(common.step_job("report", f"{name}-report", report, 0))
+    jobs.append(common.step_job("report", f"{name}-report", report, 0, gpu=False))
     return jobs
 
 
