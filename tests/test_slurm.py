@@ -538,6 +538,35 @@ def test_sweep_array_maps_tasks_to_model_and_length(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_sweep_tasks_wait_for_a_conversion_in_progress(tmp_path, monkeypatch) -> None:
+    """Array tasks of one checkpoint share HYBRID_MEGATRON_EVAL_CACHE: while one converts,
+    the others wait for its lock and reuse the result (no second conversion process)."""
+    import socket
+    import threading
+
+    from hybrid_megatron.eval import models
+
+    source = models.ModelSource("run/iter_0000010", tmp_path / "iter", "megatron", 10, "run")
+    target = models.converted_path(source, tmp_path / "cache", "fp32")
+    lock = models._lock_path(target)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))  # a live holder
+
+    def other_job_finishes() -> None:
+        time.sleep(1.0)
+        target.mkdir()
+        (target / "config.json").write_text(json.dumps({"megatron": {"iteration": 10}}))
+        lock.unlink()
+
+    def no_subprocess(jobs):
+        raise AssertionError(f"started a conversion process for {jobs}")
+
+    monkeypatch.setattr(models, "_run_conversions", no_subprocess)
+    models.prepare_conversions([source], tmp_path / "cache")  # leaves it to the holder
+    threading.Thread(target=other_job_finishes).start()
+    assert models.ensure_converted(source, tmp_path / "cache") == (target, False)
+
+
 def test_rendered_scripts_are_valid_bash(tmp_path: Path) -> None:
     scripts = _scripts(
         "slurm",
@@ -582,7 +611,7 @@ def test_rendered_scripts_are_valid_bash(tmp_path: Path) -> None:
 # the single-node reference with `launch local` meanwhile, then submits the eval sweep over
 # the reference's checkpoints; each test waits for its own jobs.
 
-STEPS = 30
+STEPS = 20
 E2E_SETS = [
     f"train.steps={STEPS}",
     "model.seq_length=64",
@@ -593,7 +622,7 @@ E2E_SETS = [
     "train.eval_batches=1",
     "train.log_interval=1",
     "optimizer.warmup_steps=2",
-    "checkpoint.interval=15",
+    "checkpoint.interval=10",
     "after_training.recall_probe=false",
 ]
 SETS = [a for s in E2E_SETS for a in ("--set", s)]
@@ -686,19 +715,19 @@ def _submit_all(base: Path, cpu: list[str], jobs: dict):
         )  # fmt: skip
         # Time limit 4 min, warning 60 s before. Slurm checks limits every 30 s and sends
         # the warning once at most 60 + 30 s remain: 150-180 s after the start; it ends the
-        # job 90 s later. The first attempt sleeps 7 s per step so that it still runs then;
+        # job 90 s later. The first attempt sleeps 10 s per step so that it still runs then;
         # the second has >= 150 s to finish the rest.
         jobs["requeue"] = _launch_json(
             "slurm", TINY, *SETS, "--nodes", "2", "--gpus-per-node", "0", "--time", "4",
             "--signal-seconds", "60", "--mode", "torchrun", "--run-dir", str(base / "requeue"),
             "--setup", "[[ -n ${SLURM_RESTART_COUNT:-} ]] || "
-            "export HYBRID_MEGATRON_FAULT=slow_steps:7",
+            "export HYBRID_MEGATRON_FAULT=slow_steps:10",
             "--job-name", "e2e-requeue",
         )  # fmt: skip
-        # Rank 0 is killed while it saves at step 15: a real failure.
+        # Rank 0 is killed while it saves at step 10: a real failure.
         jobs["fail"] = _launch_json(
             "slurm", TINY, *SETS, "--nodes", "1", *cpu, "--run-dir", str(base / "fail"),
-            "--env", "HYBRID_MEGATRON_FAULT=kill_during_save:15", "--then", "convert,eval",
+            "--env", "HYBRID_MEGATRON_FAULT=kill_during_save:10", "--then", "convert,eval",
             "--eval-tasks", "passkey", "--eval-lengths", EVAL_LENGTH, "--job-name", "e2e-fail",
         )  # fmt: skip
         # The same layout on one machine, meanwhile: the reference losses and checkpoints.
@@ -710,7 +739,7 @@ def _submit_all(base: Path, cpu: list[str], jobs: dict):
         assert local.returncode == 0, local.stderr[-3000:]
         ckpts = base / "local" / "checkpoints"
         jobs["sweep"] = _launch_json(
-            "sweep", "--model", f"{ckpts}/iter_0000015,{ckpts}/iter_0000030",
+            "sweep", "--model", f"{ckpts}/iter_0000010,{ckpts}/iter_0000020",
             "--tasks", "passkey", "--lengths", f"{EVAL_LENGTH},320", "--num-samples", "1",
             "--output", str(base / "sweep"), *cpu, "--job-name", "e2e-sweep",
         )  # fmt: skip
@@ -746,8 +775,9 @@ def test_train_convert_eval_chain(e2e) -> None:
         assert info["JobState"] == "COMPLETED", _text(chain[stage]["log"])
     hf = json.loads((base / "srun" / "hf" / "config.json").read_text())
     assert hf["megatron"]["iteration"] == STEPS
-    results = json.loads((base / "srun" / "eval" / "results.json").read_text())
-    assert json.dumps(results).count("passkey") >= 1
+    results = json.loads((base / "srun" / "eval" / "results.json").read_text())["models"]
+    assert results["hf"]["iteration"] == STEPS
+    assert results["hf"]["tasks"]["passkey"][EVAL_LENGTH]["n"] == 1
 
 
 @pytest.mark.slurm
@@ -771,9 +801,11 @@ def test_eval_sweep_array_writes_one_combined_report(e2e) -> None:
     info = _wait(report["job_id"])
     logs = "\n".join(_text(p) for p in sorted((base / "sweep" / "logs").glob("*.out")))
     assert info["JobState"] == "COMPLETED", logs
-    results = json.loads((base / "sweep" / "results.json").read_text())
-    text = json.dumps(results)
-    assert "iter_0000015" in text and "iter_0000030" in text, text[:2000]
+    models = json.loads((base / "sweep" / "results.json").read_text())["models"]
+    assert sorted(models) == ["local/iter_0000010", "local/iter_0000020"], models
+    for result in models.values():  # both lengths of each checkpoint in one table
+        assert sorted(result["tasks"]["passkey"]) == [EVAL_LENGTH, "320"]
+        assert all(cell["n"] == 1 for cell in result["tasks"]["passkey"].values())
     assert (base / "sweep" / "results.md").is_file()
     parts = sorted(p.name for p in (base / "sweep" / "parts").iterdir())
     assert len(parts) == 4 and all(p.endswith(("__len300", "__len320")) for p in parts)
