@@ -360,7 +360,8 @@ def test_chain_submission_uses_afterok_and_kill_on_invalid_dep(tmp_path, monkeyp
     run = tmp_path / "run"
     code, out, err = _launch(
         "slurm", TINY, *GOOD, "--run-dir", str(run), "--then", "convert,eval",
-        "--eval-tasks", "passkey", "--eval-lengths", "4k,8k", "--json",
+        "--eval-tasks", "passkey", "--eval-lengths", "4k,8k", "--eval-arg=--batch-size 2",
+        "--json",
     )  # fmt: skip
     assert code == 0, err
     records = json.loads(out)
@@ -375,6 +376,7 @@ def test_chain_submission_uses_afterok_and_kill_on_invalid_dep(tmp_path, monkeyp
     scripts = [Path(r["script"]).read_text() for r in records]
     assert f"convert to-hf {run}/checkpoints {run}/hf" in scripts[1]
     assert f"eval --model {run}/hf --tasks passkey --lengths 4096,8192" in scripts[2]
+    assert f"--output {run}/eval --batch-size 2\n" in scripts[2]
     assert len((run / "logs" / "submissions.jsonl").read_text().splitlines()) == 3
 
 

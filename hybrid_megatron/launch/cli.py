@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 
@@ -107,7 +108,7 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
         tasks=_csv(args.eval_tasks) if args.eval_tasks else None,
         lengths=args.eval_lengths,
         num_samples=args.eval_samples,
-        extra_args=list(args.eval_arg),
+        extra_args=[w for a in args.eval_arg for w in shlex.split(a)],
     )
     jobs = plan_training(
         args.config,
@@ -135,7 +136,7 @@ def cmd_launch_sweep(args: argparse.Namespace) -> int:
         tasks=_csv(args.tasks),
         lengths=args.lengths,
         num_samples=args.num_samples,
-        extra_args=list(args.eval_arg),
+        extra_args=[w for a in args.eval_arg for w in shlex.split(a)],
     )
     jobs = plan_sweep(
         models,
@@ -207,7 +208,9 @@ def add_launch_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "optionally followed by convert / eval jobs",
     )
     sl.add_argument("config", help="YAML run config")
-    sl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sl.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
     sl.add_argument("--run-dir", help="shared run directory (default: the config's)")
     sl.add_argument("--nodes", type=int, help="nodes (default 1)")
     sl.add_argument("--tasks-per-node", type=int, help="ranks per node when --gpus-per-node 0")
@@ -229,7 +232,8 @@ def add_launch_subcommands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra `hybrid-megatron eval` argument (repeatable)",
+        help="extra `hybrid-megatron eval` arguments, e.g. --eval-arg='--batch-size 4' "
+        "(repeatable)",
     )
     _cluster_arguments(sl)
     sl.set_defaults(func=cmd_launch_slurm)
@@ -260,14 +264,17 @@ def add_launch_subcommands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra `hybrid-megatron eval` argument (repeatable)",
+        help="extra `hybrid-megatron eval` arguments, e.g. --eval-arg='--batch-size 4' "
+        "(repeatable)",
     )
     _cluster_arguments(sw)
     sw.set_defaults(func=cmd_launch_sweep)
 
     lo = sub.add_parser("local", help="train a config on this machine with torchrun")
     lo.add_argument("config")
-    lo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    lo.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
     lo.add_argument("--nproc", type=int, required=True, help="ranks (processes) on this machine")
     lo.add_argument("--run-dir")
     lo.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
