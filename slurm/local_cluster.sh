@@ -4,7 +4,8 @@
 #
 #   slurm/local_cluster.sh start    # install if needed, write slurm.conf, start munge + daemons
 #   slurm/local_cluster.sh status   # sinfo
-#   slurm/local_cluster.sh stop     # stop the daemons this script started (by PID file)
+#   slurm/local_cluster.sh stop     # stop the daemons this script started (by PID file) and
+#                                   # remove the slurm.conf it wrote
 #
 # Needs root and Debian/Ubuntu (apt; Debian bookworm ships Slurm 22.05). No systemd: the
 # daemons are started by hand. Two slurmd daemons, `slurmd -N n1` and `slurmd -N n2`, listen
@@ -152,6 +153,10 @@ stop() {
     if [[ -f $STATE/munged.ours ]]; then
         stop_pidfile /run/munge/munged.pid munged
         rm -f "$STATE/munged.ours"
+    fi
+    # Our slurm.conf goes too: clients would otherwise wait for a controller that is gone.
+    if [[ -f $CONF ]] && grep -qF "$MARKER" "$CONF"; then
+        rm -f "$CONF"
     fi
 }
 
