@@ -11,6 +11,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from hybrid_megatron.config import ParallelConfig
 from hybrid_megatron.megatron_compat.cpu import enable_cpu_mode
+from hybrid_megatron.procenv import launch_ranks
 
 
 def use_cuda(device: str = "auto") -> bool:
@@ -28,15 +29,10 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, device: str = "auto")
     if not cuda:
         enable_cpu_mode(force=torch.cuda.is_available())
     if not dist.is_initialized():
-        # Slurm task variables count only inside an srun step: a batch shell of a multi-task
-        # allocation also has SLURM_NTASKS, but it is one process.
-        slurm = os.environ if "SLURM_STEP_ID" in os.environ else {}
-        rank = int(os.environ.get("RANK", slurm.get("SLURM_PROCID", 0)))
-        world = int(os.environ.get("WORLD_SIZE", slurm.get("SLURM_NTASKS", 1)))
+        rank, world, local = launch_ranks(os.environ)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
         if cuda:
-            local = int(os.environ.get("LOCAL_RANK", slurm.get("SLURM_LOCALID", 0)))
             torch.cuda.set_device(local)
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",

@@ -8,25 +8,33 @@ also has SLURM_NTASKS, but it is one process).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 WORKER_ENV = "HYBRID_MEGATRON_WORKER"  # set on worker processes a plain `train` started itself
 
 
-def _slurm_step() -> dict[str, str]:
-    return dict(os.environ) if "SLURM_STEP_ID" in os.environ else {}
+def launch_ranks(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else from Slurm's task
+    variables (inside an srun step only)."""
+    slurm = env if "SLURM_STEP_ID" in env else {}
+    return (
+        int(env.get("RANK", slurm.get("SLURM_PROCID", 0))),
+        int(env.get("WORLD_SIZE", slurm.get("SLURM_NTASKS", 1))),
+        int(env.get("LOCAL_RANK", slurm.get("SLURM_LOCALID", 0))),
+    )
 
 
 def launched() -> bool:
     """True under a launcher (torchrun, srun, our own workers): ranks are set by it."""
-    return "RANK" in os.environ or "SLURM_PROCID" in _slurm_step()
+    return "RANK" in os.environ or ("SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", _slurm_step().get("SLURM_PROCID", 0)))
+    return launch_ranks(os.environ)[0]
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", _slurm_step().get("SLURM_NTASKS", 1)))
+    return launch_ranks(os.environ)[1]
 
 
 def is_rank0() -> bool:

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Bring up (or stop) a real one-node Slurm cluster on this machine, for the slurm tests.
+# Bring up (or stop) a real two-node Slurm cluster on this one machine, for the slurm tests
+# (.ci/run calls `start` before the test suite and `stop` after it).
 #
 #   slurm/local_cluster.sh start    # install if needed, write slurm.conf, start munge + daemons
 #   slurm/local_cluster.sh status   # sinfo
-#   slurm/local_cluster.sh stop     # stop the daemons this script started (by PID file)
+#   slurm/local_cluster.sh stop     # stop the daemons this script started (by PID file) and
+#                                   # remove the slurm.conf it wrote
 #
-# Needs root and Debian/Ubuntu (apt). No systemd: the daemons are started by hand. Facts
-# behind each setting: /work/shared/notes/slurm-local.md. Environment knobs:
+# Needs root and Debian/Ubuntu (apt; Debian bookworm ships Slurm 22.05). No systemd: the
+# daemons are started by hand. Two slurmd daemons, `slurmd -N n1` and `slurmd -N n2`, listen
+# on ports 17001 and 17002 and both have NodeAddr=127.0.0.1: jobs see two nodes (SLURM_NODEID
+# 0 and 1), whose names do not resolve as host names (ask Slurm for NodeAddr instead).
+# Environment knobs:
 #   HM_SLURM_STATE  state, spool, logs and PID files (default /var/lib/hm-slurm)
-#   HM_SLURM_CPUS   CPUs the node advertises (default 4; more than the machine has is fine
-#                   with SlurmdParameters=config_overrides, and lets 4-task jobs run)
-# The config goes to /etc/slurm/slurm.conf so every client command finds it; an existing
-# slurm.conf that this script did not write is never overwritten.
+#   HM_SLURM_CPUS   CPUs each node advertises (default 4; more than the machine has is fine
+#                   with SlurmdParameters=config_overrides and lets jobs run side by side)
+#   SLURM_CONF      where slurm.conf goes (default /etc/slurm/slurm.conf, where every client
+#                   command looks). Another path keeps the cluster private to the shells that
+#                   export the same SLURM_CONF (Slurm's clients read that variable).
+# A slurm.conf that this script did not write is never overwritten.
 set -euo pipefail
 
 STATE=${HM_SLURM_STATE:-/var/lib/hm-slurm}
 CPUS=${HM_SLURM_CPUS:-4}
-CONF=/etc/slurm/slurm.conf
+CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
+export SLURM_CONF=$CONF
 MARKER="# written by hybrid-megatron slurm/local_cluster.sh"
-NODE=$(hostname -s)
+NODES=(n1 n2)
+PORTS=(17001 17002)
+CTLD_HOST=$(hostname -s)
 
 install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null &&
@@ -34,15 +44,22 @@ write_conf() {
         echo "error: $CONF exists and was not written by this script; not touching it." >&2
         exit 1
     fi
-    # RealMemory: 80% of what slurmd detects (a node larger than the machine goes INVALID).
-    local mem
+    # RealMemory: 40% of what slurmd detects per node (two nodes share the machine; a node
+    # declared larger than the machine goes INVALID and srun then hangs instead of failing).
+    local mem i nodes
     mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
-    mem=$((mem * 8 / 10))
-    mkdir -p /etc/slurm "$STATE/ctld" "$STATE/slurmd/$NODE"
+    mem=$((mem * 4 / 10))
+    mkdir -p "$(dirname "$CONF")" "$STATE/ctld"
+    nodes=""
+    for i in "${!NODES[@]}"; do
+        mkdir -p "$STATE/slurmd/${NODES[$i]}"
+        nodes+="NodeName=${NODES[$i]} NodeAddr=127.0.0.1 Port=${PORTS[$i]} CPUs=$CPUS Sockets=1"
+        nodes+=" CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN"$'\n'
+    done
     cat >"$CONF" <<CONFEOF
 $MARKER
 ClusterName=hmlocal
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CTLD_HOST(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -54,6 +71,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+# nodes may advertise more CPUs than the machine has
 SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
@@ -61,14 +79,16 @@ MailProg=/bin/true
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
+# ended jobs stay visible to scontrol for 10 minutes (the tests read their final state)
+MinJobAge=600
+KillWait=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/slurmctld.log
-SlurmdLogFile=$STATE/slurmd.log
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=$STATE/slurmd-%n.log
+${nodes}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONFEOF
 }
 
@@ -95,17 +115,20 @@ start() {
     write_conf
     start_munge
     # -c: start from a clean state (job ids restart at 1); -i: ignore unreadable state files
-    running "$STATE/slurmctld.pid" || slurmctld -c -i
-    running "$STATE/slurmd.pid" || slurmd
-    for _ in $(seq 100); do
-        state=$(sinfo -h -o %T 2>/dev/null | head -n1 || true)
-        if [[ $state == idle* ]]; then
-            echo "slurm is up: node $NODE idle ($CPUS CPUs); config $CONF, logs in $STATE"
+    running "$STATE/slurmctld.pid" || slurmctld -c -i -f "$CONF"
+    local node states=""
+    for node in "${NODES[@]}"; do
+        running "$STATE/slurmd-$node.pid" || slurmd -N "$node" -f "$CONF"
+    done
+    for _ in $(seq 150); do
+        states=$(sinfo -h -N -o '%N=%T' 2>/dev/null | sort -u | tr '\n' ' ' || true)
+        if [[ $(grep -o '=idle' <<<"$states" | wc -l) == "${#NODES[@]}" ]]; then
+            echo "slurm is up: nodes ${NODES[*]} idle ($CPUS CPUs each); config $CONF, logs in $STATE"
             return
         fi
         sleep 0.2
     done
-    echo "error: node not idle (state '${state:-none}'); see $STATE/slurmctld.log" >&2
+    echo "error: nodes not idle (${states:-no answer from sinfo}); see $STATE/slurmctld.log" >&2
     exit 1
 }
 
@@ -122,11 +145,18 @@ stop_pidfile() {
 }
 
 stop() {
-    stop_pidfile "$STATE/slurmd.pid" slurmd
+    local node
+    for node in "${NODES[@]}"; do
+        stop_pidfile "$STATE/slurmd-$node.pid" "slurmd $node"
+    done
     stop_pidfile "$STATE/slurmctld.pid" slurmctld
     if [[ -f $STATE/munged.ours ]]; then
         stop_pidfile /run/munge/munged.pid munged
         rm -f "$STATE/munged.ours"
+    fi
+    # Our slurm.conf goes too: clients would otherwise wait for a controller that is gone.
+    if [[ -f $CONF ]] && grep -qF "$MARKER" "$CONF"; then
+        rm -f "$CONF"
     fi
 }
 

@@ -351,7 +351,7 @@ def prepare_conversions(
         if source.kind != "megatron":
             continue
         target = converted_path(source, cache_dir, dtype)
-        if not _converted(target, source):
+        if not _converted(target, source) and not _lock_path(target).exists():
             jobs.append(_job(source, target, dtype, verify, wait=False))
     if jobs:
         _run_conversions(jobs)
@@ -367,6 +367,11 @@ def ensure_converted(
     target = converted_path(source, cache_dir, dtype)
     if _converted(target, source):
         return target, False
+    if _lock_path(target).exists():  # another job converts it (a sweep): wait here, not in
+        with file_lock(_lock_path(target)):  # a Megatron subprocess started only to wait
+            pass
+        if _converted(target, source):
+            return target, False
     proc = _run_conversions([_job(source, target, dtype, verify, wait=True)])
     if proc.returncode != 0 or not _converted(target, source):
         raise ModelLoadError(

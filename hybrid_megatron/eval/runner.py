@@ -36,6 +36,7 @@ from hybrid_megatron.eval import store
 from hybrid_megatron.eval.aggregate import aggregate_rows, format_markdown, write_results
 from hybrid_megatron.eval.generation import check_cached_decoding, greedy_generate
 from hybrid_megatron.eval.models import (
+    CACHE_ENV,
     EvalModelInfo,
     EvalTokenizer,
     ModelSource,
@@ -334,7 +335,10 @@ class _Worker:
             [it.length for it in todo], self.s.log_every, f"[eval {self.shard.tag}]"
         )
         device = resolve_device(self.s.device, self.shard.local_rank)
-        cache = self.s.output / store.CONVERTED_DIR
+        # Conversions of Megatron checkpoints: OUTPUT/converted, or one shared directory
+        # (HYBRID_MEGATRON_EVAL_CACHE) that parallel jobs of a sweep convert into once.
+        shared = os.environ.get(CACHE_ENV)
+        cache = Path(shared) if shared else self.s.output / store.CONVERTED_DIR
         pending = [s for s in sources if any(it.model == s.name for it in todo)]
         prepare_conversions(
             pending,

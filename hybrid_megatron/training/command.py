@@ -9,6 +9,7 @@ do as commands. A run that already finished says so and does nothing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def _train_under_launcher(cfg: RunConfig) -> int:
         distributed.destroy()
     if not procenv.is_rank0():
         return 0
+    if os.environ.get("HM_TRAIN_STATUS"):  # read by the Slurm job script (requeue or not)
+        from hybrid_megatron.launch.status import write_train_status
+
+        write_train_status(os.environ["HM_TRAIN_STATUS"], result, cfg.train.steps)
     if result.stopped_by:
         _print(
             f"stopped at step {result.iteration} ({result.stopped_by}); checkpoint "

@@ -10,6 +10,7 @@ step -> metrics; validation, checkpoints and signal-triggered stops at step boun
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from hybrid_megatron.checkpoint.layout import (
     resolve_checkpoint,
 )
 from hybrid_megatron.checkpoint.training_state import (
+    FAULT_ENV,
     TrainingProgress,
     load_training_checkpoint,
     load_weights_only,
@@ -269,6 +271,7 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
             f"training from step {progress.iteration + 1} to {t.steps} (a line every "
             f"{t.log_interval} steps)"
         )
+    slow_down = _fault_step_delay()
     try:
         while progress.iteration < t.steps:
             step_start = time.perf_counter()
@@ -310,6 +313,8 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
                 checksum,
             )
 
+            if slow_down:
+                time.sleep(slow_down)
             last = progress.iteration == t.steps
             if (t.eval_interval and progress.iteration % t.eval_interval == 0) or last:
                 vloss = evaluate(cfg, chunks, datasets.valid, num_micro, device)
@@ -334,6 +339,13 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
         log.close()
     result.iteration = progress.iteration
     return result
+
+
+def _fault_step_delay() -> float:
+    """Testing hook: HYBRID_MEGATRON_FAULT=slow_steps:SECONDS sleeps after every step (keeps a
+    tiny run alive past a Slurm time-limit warning without burning CPU)."""
+    fault = os.environ.get(FAULT_ENV, "")
+    return float(fault.split(":", 1)[1]) if fault.startswith("slow_steps:") else 0.0
 
 
 class _StepLogger:
