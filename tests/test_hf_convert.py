@@ -314,7 +314,7 @@ def test_converted_dir_loads_with_remote_code_without_the_package(converted, tmp
         text=True,
         cwd=tmp_path,
         env=env,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
