@@ -778,8 +778,9 @@ def test_train_convert_eval_chain(e2e) -> None:
     hf = json.loads((base / "srun" / "hf" / "config.json").read_text())
     assert hf["megatron"]["iteration"] == STEPS
     results = json.loads((base / "srun" / "eval" / "results.json").read_text())["models"]
-    assert results["hf"]["iteration"] == STEPS
-    assert results["hf"]["tasks"]["passkey"][EVAL_LENGTH]["n"] == 1
+    model = results[f"srun step {STEPS}"]  # converted models are named by run and step
+    assert model["iteration"] == STEPS
+    assert model["tasks"]["passkey"][EVAL_LENGTH]["n"] == 1
 
 
 @pytest.mark.slurm
