@@ -731,8 +731,8 @@ def test_pattern_is_compiled_once_per_config(monkeypatch):
     """validate(), the model builders and the FLOP count share one compiled plan."""
     import dataclasses
 
-    from hybrid_megatron import config as config_module
     from hybrid_megatron.config import load_config
+    from hybrid_megatron.config import schema as config_module
     from hybrid_megatron.training.flops import model_flops_per_sequence
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")

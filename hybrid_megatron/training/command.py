@@ -23,6 +23,7 @@ from hybrid_megatron.training.after import (
     wants_hf,
 )
 from hybrid_megatron.training.progress import format_count
+from hybrid_megatron.training.run_dir import check_same_model
 
 
 def _print(msg: str) -> None:
@@ -111,6 +112,7 @@ def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     cfg.validate()
     validate_data_source(cfg)
     run_dir = cfg.resolved_run_dir
+    check_same_model(cfg, run_dir)
     done = newest_intact_iteration(cfg)
     if done is not None and done >= cfg.train.steps:
         record = finished_record(run_dir, done)

@@ -22,7 +22,6 @@ from megatron.core import parallel_state as ps
 
 from hybrid_megatron import distributed
 from hybrid_megatron.checkpoint.layout import (
-    CheckpointInfo,
     find_latest_valid,
     resolve_checkpoint,
 )
@@ -34,16 +33,17 @@ from hybrid_megatron.checkpoint.training_state import (
     save_training_checkpoint,
 )
 from hybrid_megatron.config import (
-    ConfigError,
     RunConfig,
     to_dict,
     validate_batch_layout,
     validate_data_source,
 )
+from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
 from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
 from hybrid_megatron.training.signals import StopRequest
 
@@ -111,32 +111,6 @@ def build_model_chunks(cfg: RunConfig, device: torch.device, bf16: bool) -> list
             chunk = Float16Module(tconfig, chunk)
         chunks.append(chunk)
     return chunks
-
-
-def _check_run_dir_config(cfg: RunConfig, run_dir: Path) -> None:
-    """Refuse to resume a run dir whose saved model differs from this config's model."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = to_dict(cfg)
-    diffs = [
-        k
-        for k in sorted(set(old.get("model", {})) | set(new["model"]))
-        if old.get("model", {}).get(k) != new["model"].get(k)
-        and k not in ("attention_backend", "mamba_backend")
-    ]
-    if diffs and any(find_latest_valid_quiet(run_dir / "checkpoints")):
-        raise ConfigError(
-            f"{run_dir} holds checkpoints of a different model (changed: "
-            f"{', '.join('model.' + d for d in diffs)}). Use a new run_dir, or start from those "
-            "weights in a new run with train.init_from."
-        )
-
-
-def find_latest_valid_quiet(ckpt_root: Path) -> list[CheckpointInfo]:
-    info = find_latest_valid(ckpt_root, verify_checksums=False, quiet=True)
-    return [info] if info else []
 
 
 def _write_run_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -216,7 +190,7 @@ def train(cfg: RunConfig) -> TrainResult:
     ckpt_root = run_dir / "checkpoints"
     # Fail on a bad init checkpoint before any process group or data work.
     init_info = None
-    if t.init_from and not (cfg.checkpoint.resume and find_latest_valid_quiet(ckpt_root)):
+    if t.init_from and not (cfg.checkpoint.resume and has_checkpoint(ckpt_root)):
         init_info = resolve_checkpoint(t.init_from, cfg.checkpoint.checksums)
     # Handlers first: a stop signal during start-up is honoured at the first step boundary.
     stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
@@ -230,7 +204,7 @@ def train(cfg: RunConfig) -> TrainResult:
 def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> TrainResult:
     t = cfg.train
     num_micro = validate_batch_layout(cfg, dist.get_world_size())
-    _check_run_dir_config(cfg, run_dir)
+    check_same_model(cfg, run_dir)
     bf16 = _precision(cfg, device)
     _log("building datasets")
     datasets = build_train_valid(cfg, run_dir)
