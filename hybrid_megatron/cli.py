@@ -8,7 +8,7 @@ import sys
 import time
 
 from hybrid_megatron import procenv
-from hybrid_megatron.commands import convert, data, launch, plot
+from hybrid_megatron.commands import analyze, convert, data, launch, plot
 from hybrid_megatron.commands import eval as eval_commands
 from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     # Each group registers its subcommands; handlers import what they need when they run, so
     # `--help` and argument errors stay fast (no torch / transformers / Megatron import).
-    for group in (plot, data, convert, eval_commands, launch):
+    for group in (plot, data, convert, eval_commands, launch, analyze):
         group.add_subcommands(sub)
     return parser
 
