@@ -1,0 +1,97 @@
+"""Subcommands of `hybrid-megatron analyze` for scaling fits, LongPPL and the toy study.
+
+hybrid-megatron analyze scaling TABLE.csv --n-col n --tokens-col tokens --value-col loss
+    [--log-value] [--holdout COL=VALUE ...] [--formula no_constant|constant]
+    [--alpha-bounds LO,HI] [--beta-bounds LO,HI] ... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _bounds(text: str) -> tuple[float | None, float | None]:
+    lo, sep, hi = text.partition(",")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LO,HI (e.g. 0.2,0.3; empty side: none)")
+    try:
+        return (float(lo) if lo.strip() else None, float(hi) if hi.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not LO,HI with numbers") from None
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    """Handler of `analyze scaling`."""
+    from hybrid_megatron.analysis.scaling_report import run_scaling
+
+    bounds = {
+        name: getattr(args, f"{name}_bounds")
+        for name in ("a", "b", "c", "alpha", "beta")
+        if getattr(args, f"{name}_bounds") is not None
+    }
+    res = run_scaling(
+        args.table,
+        args.out,
+        n_col=args.n_col,
+        tokens_col=args.tokens_col,
+        value_col=args.value_col,
+        log_value=args.log_value,
+        holdout=args.holdout,
+        formula=args.formula,
+        bounds=bounds,
+        huber_delta=args.huber_delta,
+        plot=not args.no_plot,
+    )
+    for name, fit in res["fits"].items():
+        r2h = "" if fit["r2_holdout"] is None else f"  R2 held out {fit['r2_holdout']:.4f}"
+        print(f"{name:<12} {fit['equation']}  R2 train {fit['r2_train']:.4f}{r2h}")
+    print(f"wrote {args.out}/fit.json" + ("" if args.no_plot else f" and {args.out}/fit.png"))
+    return 0
+
+
+def _add_scaling(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scaling",
+        help="fit L(N, D) = b*N^-alpha + c*D^-beta (+ a) to a CSV/TSV with one row per run",
+        description="Robust fit (Huber on log residuals, L-BFGS-B from many starting points) "
+        "of both formulas; DIR/fit.json holds the --formula fit at the top level and both "
+        "under 'fits', with R2 and RMSE on the fitted and held-out rows; DIR/fit.png plots "
+        "data and fit.",
+    )
+    p.add_argument("table", metavar="TABLE", help="CSV or TSV, one row per run")
+    p.add_argument("--n-col", default="n", help="parameter-count column (default n)")
+    p.add_argument(
+        "--tokens-col",
+        default="tokens",
+        help="training-token column (default tokens); values like '200n' mean 200 x N",
+    )
+    p.add_argument("--value-col", default="loss", help="fitted value column (default loss)")
+    p.add_argument(
+        "--log-value", action="store_true", help="fit ln(value) (the paper does so for LongPPL)"
+    )
+    p.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        metavar="COL=VALUE",
+        help="rows with COL equal to VALUE are held out for validation (repeatable)",
+    )
+    p.add_argument(
+        "--formula",
+        choices=["no_constant", "constant"],
+        default="no_constant",
+        help="fit reported at fit.json's top level (both are fitted)",
+    )
+    for name in ("alpha", "beta", "a", "b", "c"):
+        p.add_argument(f"--{name}-bounds", type=_bounds, metavar="LO,HI", help=f"bounds on {name}")
+    p.add_argument(
+        "--huber-delta", type=float, default=1e-3, help="Huber threshold on log residuals"
+    )
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", required=True, help="output directory (fit.json, fit.png)")
+    p.set_defaults(func=cmd_scaling)
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register scaling / longppl / study under the `analyze` group's subparsers."""
+    _add_scaling(sub)
