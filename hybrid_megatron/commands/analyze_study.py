@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from hybrid_megatron.commands.analyze_mechanism import add_model_options
+
 
 def _bounds(text: str) -> tuple[float | None, float | None]:
     lo, sep, hi = text.partition(",")
@@ -92,6 +94,75 @@ def _add_scaling(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_scaling)
 
 
+def cmd_longppl(args: argparse.Namespace) -> int:
+    """Handler of `analyze longppl`."""
+    from pathlib import Path
+
+    from hybrid_megatron.analysis.longppl import LongPPLSettings
+    from hybrid_megatron.analysis.longppl_report import check_settings, run_longppl
+
+    settings = LongPPLSettings(
+        length=args.length,
+        num_samples=args.num_samples,
+        short_context=args.short_context,
+        block=args.block,
+        gain_threshold=args.gain_threshold,
+        loss_threshold=args.loss_threshold,
+        bin_width=args.bin_width,
+        pack=args.pack,
+        seed=args.seed,
+    )
+    check_settings(settings)
+    run_longppl(
+        args.models, args.evaluator, Path(args.out), settings, data=args.data,
+        device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+        evaluator_tokenizer=args.evaluator_tokenizer,
+        verify_conversion=not args.no_verify_conversion,
+    )  # fmt: skip
+    print(f"wrote {args.out}/longppl.json, longppl.md and longppl.png")
+    return 0
+
+
+def _int_length(text: str) -> int:
+    from hybrid_megatron.eval.plan import parse_length
+
+    try:
+        return parse_length(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_longppl(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "longppl",
+        help="LongPPL (Fang et al.): loss on key tokens chosen by a local evaluator model, "
+        "next to plain loss by position",
+        description="Key tokens: scored by the evaluator with the whole sequence before them "
+        "and with only --short-context tokens before their --block; key when the gain exceeds "
+        "--gain-threshold and the long-context loss is below --loss-threshold. MODEL and "
+        "--evaluator are HF dirs or Megatron run / checkpoint dirs (converted on the fly).",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="evaluated model(s)")
+    p.add_argument("--evaluator", required=True, help="evaluator model (HF dir or checkpoint)")
+    p.add_argument("--evaluator-tokenizer", help="tokenizer override for the evaluator")
+    p.add_argument(
+        "--data",
+        help="documents: .jsonl ('text'), .txt or a dir (default: the generated corpus, held out)",
+    )
+    p.add_argument("--pack", action="store_true", help="join documents into sequences")
+    p.add_argument("--length", type=_int_length, default=8192, help="tokens per sequence")
+    p.add_argument("--num-samples", type=int, default=4, help="sequences")
+    p.add_argument("--short-context", type=_int_length, default=4096, help="(default 4096)")
+    p.add_argument("--block", type=_int_length, default=1024, help="(default 1024)")
+    p.add_argument("--gain-threshold", type=float, default=2.0, help="(default 2)")
+    p.add_argument("--loss-threshold", type=float, default=2.0, help="(default 2)")
+    p.add_argument("--bin-width", type=int, help="fixed position-bin width (default powers of 2)")
+    add_model_options(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_longppl)
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register scaling / longppl / study under the `analyze` group's subparsers."""
     _add_scaling(sub)
+    _add_longppl(sub)
