@@ -15,6 +15,7 @@ transformers causal LMs whose every layer is attention (Llama-style), batch size
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -111,12 +112,15 @@ class AttentionProbe:
         self.device = next(model.parameters()).device
         self.cache: Any = None
         self.seen = 0
+        # transformers renamed the cache argument (`cache` from 5.24): use the model's own
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids: Tensor, output_attentions: bool) -> Any:
         ids = ids.reshape(1, -1).to(self.device)
         kwargs: dict[str, Any] = {"use_cache": True, "return_dict": True}
         if self.cache is not None:
-            kwargs["past_key_values"] = self.cache
+            kwargs[self._cache_arg] = self.cache
         out = self.model(input_ids=ids, output_attentions=output_attentions, **kwargs)
         self.cache = getattr(out, "past_key_values", None)
         if self.cache is None:

@@ -82,3 +82,28 @@ def plot_lines(
         ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+TRACE_PLOTS = (
+    ("attention_mass", "attention mass on the answer", "trace_attention_mass.png"),
+    ("copy_paste", "copy-paste retrieval score", "trace_copy_paste.png"),
+    ("entropy_norm", "attention entropy / ln(visible keys)", "trace_entropy.png"),
+    ("qk_rel", "relative Q/K distance to the reference", "trace_qk_distance.png"),
+)
+
+
+def plot_trace(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """One PNG per traced metric: a line per head against the checkpoint step."""
+    steps = [c["step"] for c in result["checkpoints"]]
+    written = []
+    for key, label, name in TRACE_PLOTS:
+        series: dict[str, list[float | None]] = {}
+        for c in result["checkpoints"]:
+            for h in c["heads"]:
+                series.setdefault(f"L{h['layer']}H{h['head']}", []).append(h[key])
+        ref = result["reference"]["step"]
+        title = label + (f" (reference: step {ref})" if key == "qk_rel" else "")
+        written.append(
+            plot_lines(steps, series, out_dir / name, xlabel="step", ylabel=key, title=title)
+        )
+    return written

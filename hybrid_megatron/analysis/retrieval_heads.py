@@ -69,6 +69,23 @@ def attention_mass(rows: dict[int, Tensor], positions: Sequence[int]) -> dict[in
     }
 
 
+def attention_entropy(rows: Tensor, positions: Tensor, window: int | None) -> Tensor:
+    """[heads, 2]: mean over queries of the attention entropy (nats) and of the entropy over
+    its maximum, ln(keys the query sees): ln(q + 1) at position q under full attention,
+    ln(min(q + 1, window)) under a window. rows [heads, queries, keys]; positions [queries]."""
+    p = rows.clamp_min(0)
+    nats = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [heads, queries]
+    seen = positions.to(torch.float64) + 1
+    if window is not None:
+        seen = seen.clamp(max=window)
+    norm = nats / torch.log(seen).clamp_min(1e-12).to(nats.dtype)
+    keep = seen > 1  # a query seeing one key has no entropy to normalise
+    norm_mean = (
+        norm[:, keep].mean(-1) if bool(keep.any()) else torch.full_like(nats[:, 0], float("nan"))
+    )
+    return torch.stack([nats.mean(-1), norm_mean], dim=-1)
+
+
 def copy_hits(
     rows: dict[int, Tensor], needle: set[int], token_ids: Sequence[int], generated: int
 ) -> dict[int, Tensor]:
@@ -91,6 +108,7 @@ class SampleScores:
     recovered: bool  # the answer was generated (copy scores count only then)
     generated: list[int]
     answer_positions: list[int]
+    entropy: dict[int, Tensor] = field(default_factory=dict)  # [heads, 2]: nats, normalised
 
 
 def score_sample(
@@ -103,13 +121,15 @@ def score_sample(
     query_offset: int = 2,
     max_new_tokens: int | None = None,
     eos_ids: Sequence[int] = (),
+    entropy_queries: int = 0,
 ) -> SampleScores:
     """Both scores of one prompt.
 
     `answers`: for each answer, its token-id variants (how it may be tokenized in the
     prompt); every occurrence of every variant is an answer position. `recovered(generated)`
     says whether the decoded tokens contain the answer; decoding stops there, at EOS or after
-    `max_new_tokens` (default: answer tokens + 8).
+    `max_new_tokens` (default: answer tokens + 8). With `entropy_queries` = q, the
+    attention entropy of the last q prompt positions is measured in the same pass.
     """
     ids = [int(i) for i in ids]
     n = len(ids)
@@ -121,10 +141,22 @@ def score_sample(
     needle_len = sum(min(len(v) for v in variants if v) for variants in answers)
     budget = max_new_tokens or needle_len + 8
     probe = AttentionProbe(model, layout)
-    if n > query_offset:
-        probe.prefill(torch.tensor(ids[: n - query_offset]))
-    step = probe.attend(torch.tensor(ids[n - query_offset :]))
-    mass = attention_mass({k: v[:, 0] for k, v in step.attentions.items()}, positions)
+    fed = min(n, max(query_offset, entropy_queries))
+    if n > fed:
+        probe.prefill(torch.tensor(ids[: n - fed]))
+    step = probe.attend(torch.tensor(ids[n - fed :]))
+    mass = attention_mass(
+        {k: v[:, fed - query_offset] for k, v in step.attentions.items()}, positions
+    )
+    entropy = {}
+    if entropy_queries:
+        q = min(entropy_queries, n)
+        entropy = {
+            layer: attention_entropy(
+                rows[:, fed - q :], step.positions[fed - q :], probe.layout.window_of(layer)
+            )
+            for layer, rows in step.attentions.items()
+        }
     needle = set(positions)
     hits = {k: torch.zeros(v.shape[0]) for k, v in step.attentions.items()}
     sequence, generated = list(ids), []
@@ -142,7 +174,7 @@ def score_sample(
             break
         current = probe.attend(torch.tensor([token]))
     copy = {k: v / max(needle_len, 1) for k, v in hits.items()}
-    return SampleScores(mass, copy, done, generated, positions)
+    return SampleScores(mass, copy, done, generated, positions, entropy)
 
 
 def answer_variants(tokenizer: Any, answer: str) -> list[list[int]]:
