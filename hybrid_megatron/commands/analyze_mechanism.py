@@ -106,6 +106,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         reference=args.reference,
         last_queries=args.last_queries,
         threshold=args.threshold,
+        max_new_tokens=args.max_new_tokens,
     )
     out = run_trace(Path(args.run_dir), Path(args.out), settings, **_model_settings(args))
     print(f"wrote {out / 'trace.json'} and plots in {out}")
@@ -114,7 +115,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def _add_retrieval_options(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--task", default="niah_single_1", help="needle task (niah_*, passkey)")
-    p.add_argument("--length", type=_length, default=4096, help="prompt length, e.g. 4k")
+    p.add_argument("--length", type=_length, default=4096, help="prompt + decoding tokens, e.g. 4k")
     p.add_argument("--num-samples", type=_positive, default=samples, help="prompts")
     p.add_argument("--top-k", type=_positive, default=20, help="heads reported as the top")
     p.add_argument(
@@ -122,6 +123,13 @@ def _add_retrieval_options(p: argparse.ArgumentParser, samples: int) -> None:
         type=float,
         default=0.1,
         help="copy-paste score above which a head is a retrieval head (Wu et al.: 0.1)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=32,
+        help="greedy decoding budget of the copy-paste score; part of --length, as in RULER "
+        "(default 32)",
     )
 
 
@@ -139,9 +147,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         type=_positive,
         default=2,
         help="attention-mass score: the query is the N-th last prompt token (default 2)",
-    )
-    rh.add_argument(
-        "--max-new-tokens", type=_positive, help="decoding budget (default: the task's)"
     )
     rh.add_argument("--out", required=True, help="output directory")
     add_model_options(rh)
