@@ -162,7 +162,58 @@ def _add_longppl(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_longppl)
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers") from None
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Handler of `analyze study`."""
+    from pathlib import Path
+
+    from hybrid_megatron.analysis.study.config import load_study
+
+    study = load_study(args.study, seeds=args.seeds, only=args.only)
+    out = Path(args.out or f"runs/{study.name}")
+    if args.report_only:
+        from hybrid_megatron.analysis.study.report import write_report
+
+        write_report(study, out, heads=not args.no_heads and study.analysis.enabled)
+        print(f"wrote {out / 'report.md'}")
+        return 0
+    from hybrid_megatron.analysis.study.runner import run_study
+
+    run_study(study, out, device=args.device, analysis=not args.no_heads)
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="the toy study in one command: train each variant of a study file, evaluate "
+        "every checkpoint, find and trace retrieval heads, write one report",
+        description="Resumable: finished trainings, evaluated samples and analyses are "
+        "skipped. configs/experiments/toy_study.yaml is the full study, "
+        "toy_study_quick.yaml a minutes-long smoke version.",
+    )
+    p.add_argument("study", metavar="STUDY.yaml", help="study file (configs/experiments/)")
+    p.add_argument("--out", help="output directory (default runs/NAME)")
+    p.add_argument("--seeds", type=_seeds, help="comma list overriding the file's seeds")
+    p.add_argument(
+        "--only", type=lambda t: [x for x in t.split(",") if x], help="comma list of variants"
+    )
+    p.add_argument("--device", default="auto", help="eval/analysis device (training: the config)")
+    p.add_argument("--no-heads", action="store_true", help="skip retrieval heads and trace")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rewrite the report from what exists"
+    )
+    p.set_defaults(func=cmd_study)
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register scaling / longppl / study under the `analyze` group's subparsers."""
     _add_scaling(sub)
     _add_longppl(sub)
+    _add_study(sub)
