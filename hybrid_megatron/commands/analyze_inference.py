@@ -54,8 +54,47 @@ def cmd_cap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grad_distance(args: argparse.Namespace) -> int:
+    """Handler of `analyze grad-distance`."""
+    from pathlib import Path
+
+    from hybrid_megatron.analysis.grad_distance import GradSettings, run_grad_distance
+
+    settings = GradSettings(
+        length=args.length,
+        num_sequences=args.num_sequences,
+        last_n=args.last_n,
+        target=args.target,
+        data=args.data,
+        seed=args.seed,
+    )
+    out = run_grad_distance(args.model, Path(args.out), settings, **model_settings(args))
+    print(f"wrote {out / 'grad_distance.json'} and {out / 'grad_distance.png'}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Handler of `analyze probe`."""
+    from pathlib import Path
+
+    from hybrid_megatron.analysis.probe import ProbeSettings, run_probe
+
+    settings = ProbeSettings(
+        task=args.task,
+        length=args.length,
+        num_samples=args.num_samples,
+        num_classes=args.num_classes,
+        test_fraction=args.test_fraction,
+        l2=args.l2,
+        seed=args.seed,
+    )
+    out = run_probe(args.model, Path(args.out), settings, **model_settings(args))
+    print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    return 0
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register cap on the `analyze` group's subparsers."""
+    """Register cap, grad-distance and probe on the `analyze` group's subparsers."""
     cap = sub.add_parser(
         "cap",
         help="receptive-field capping at inference: full-attention or efficient layers see "
@@ -89,3 +128,41 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--out", required=True, help="output directory")
     add_model_options(cap)
     cap.set_defaults(func=cmd_cap)
+
+    grad = sub.add_parser(
+        "grad-distance",
+        help="gradient of a late-token target (summed logits of the last N positions) with "
+        "respect to the input embeddings, by distance to the last token",
+    )
+    grad.add_argument("model", metavar="MODEL", help="HF dir, run dir or Megatron checkpoint")
+    grad.add_argument("--length", type=_length, default=4096, help="sequence length")
+    grad.add_argument("--num-sequences", type=_positive, default=8, help="sequences averaged")
+    grad.add_argument("--last-n", type=_positive, default=20, help="target positions (20)")
+    grad.add_argument(
+        "--target",
+        choices=["logit_sum", "argmax_logit"],
+        default="logit_sum",
+        help="sum over the vocabulary of the averaged logits (paper) or their maximum",
+    )
+    grad.add_argument("--data", help=".jsonl ('text'), .txt or dir (default: built-in corpus)")
+    grad.add_argument("--out", required=True, help="output directory")
+    add_model_options(grad)
+    grad.set_defaults(func=cmd_grad_distance)
+
+    probe = sub.add_parser(
+        "probe",
+        help="logistic-regression probes per layer (residual stream and layer delta at the "
+        "last token) classifying a needle's value",
+    )
+    probe.add_argument("model", metavar="MODEL", help="HF dir, run dir or Megatron checkpoint")
+    probe.add_argument("--task", default="niah_single_1", help="niah_single_* prompt generator")
+    probe.add_argument("--length", type=_length, default=4096, help="prompt length")
+    probe.add_argument("--num-samples", type=_positive, default=200, help="prompts")
+    probe.add_argument("--num-classes", type=_positive, default=4, help="needle values")
+    probe.add_argument(
+        "--test-fraction", type=float, default=0.3, help="held-out share of the prompts"
+    )
+    probe.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the probe")
+    probe.add_argument("--out", required=True, help="output directory")
+    add_model_options(probe)
+    probe.set_defaults(func=cmd_probe)
