@@ -93,3 +93,27 @@ def test_trace_writes_json_and_plots_over_the_checkpoints(short_run, tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert bad.returncode == 2 and "[3, 6]" in bad.stderr
+
+
+def test_probe_and_grad_distance_write_json_and_plots(short_run, tmp_path):
+    run, env = short_run
+    out = tmp_path / "probe"
+    _cli("analyze", "probe", str(run), "--length", "400", "--num-samples", "12",
+         "--num-classes", "2", "--out", str(out), env=env)  # fmt: skip
+    result = json.loads((out / "probe.json").read_text())
+    assert result["chance"] == 0.5 and sum(result["label_counts"]) == 12
+    assert [r["layer"] for r in result["layers"]] == list(range(12))  # every layer of M-S-*-M-S-*-
+    assert result["layers"][0]["kind"] == "mamba" and result["layers"][1]["kind"] == "mlp"
+    for row in result["layers"]:
+        for kind in ("residual", "delta"):
+            assert 0 <= row[kind]["test_acc"] <= 1 and 0 <= row[kind]["train_acc"] <= 1
+    assert (out / "probe.png").stat().st_size > 1000
+
+    out = tmp_path / "grad"
+    _cli("analyze", "grad-distance", str(run), "--length", "128", "--num-sequences", "2",
+         "--last-n", "4", "--out", str(out), env=env)  # fmt: skip
+    result = json.loads((out / "grad_distance.json").read_text())
+    assert len(result["mean_by_distance"]) == 128 and result["sequences"] == 2
+    assert result["bins"][0] == {"lo": 0, "hi": 1, "mean": result["mean_by_distance"][0]}
+    assert all(m > 0 for m in result["mean_by_distance"])  # Mamba and full attention: all
+    assert (out / "grad_distance.png").stat().st_size > 1000

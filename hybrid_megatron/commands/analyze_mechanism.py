@@ -59,7 +59,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_settings(args: argparse.Namespace) -> dict:
+def model_settings(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device,
         dtype=args.dtype,
@@ -84,7 +84,7 @@ def cmd_retrieval_heads(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_new_tokens=args.max_new_tokens,
     )
-    out = run_retrieval_heads(args.model, Path(args.out), settings, **_model_settings(args))
+    out = run_retrieval_heads(args.model, Path(args.out), settings, **model_settings(args))
     print(f"wrote {out / 'retrieval_heads.json'} and {out / 'retrieval_heads.png'}")
     return 0
 
@@ -108,7 +108,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_new_tokens=args.max_new_tokens,
     )
-    out = run_trace(Path(args.run_dir), Path(args.out), settings, **_model_settings(args))
+    out = run_trace(Path(args.run_dir), Path(args.out), settings, **model_settings(args))
     print(f"wrote {out / 'trace.json'} and plots in {out}")
     return 0
 
