@@ -30,14 +30,15 @@ class PeriodCopier(torch.nn.Module):
     """Predicts token t as the token P positions earlier when that one is in its input
     (loss ~0), else uniformly (loss ln V): long context helps exactly at distance P."""
 
-    def __init__(self, period: int) -> None:
+    def __init__(self, period: int, vocab: int = V) -> None:
         super().__init__()
         self.period = period
+        self.vocab = vocab
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, input_ids, use_cache=False):
         ids = input_ids[0]
-        logits = torch.zeros(1, ids.numel(), V)
+        logits = torch.zeros(1, ids.numel(), self.vocab)
         for i in range(ids.numel()):
             src = i + 1 - self.period  # predicting token i + 1 of this window
             if src >= 0:
@@ -141,3 +142,35 @@ def test_length_within_short_context_is_refused_before_loading(tmp_path):
     done = _run("no/such/model", "--evaluator", "x", "--length", "4k", "--out", str(tmp_path))
     assert done.returncode == 2
     assert "leaves no token after the short context" in done.stderr
+
+
+class _OtherByteTokenizer(ByteTokenizer):
+    """Byte ids under another name: `build_sequences` must take the character-offset path."""
+
+    spec = "other-bytes"
+
+
+def test_evaluator_with_another_tokenizer_maps_keys_through_text(tmp_path):
+    from hybrid_megatron.analysis.longppl import LongPPLSettings, build_sequences
+    from hybrid_megatron.eval.tasks.errors import EvalDataError
+
+    g = torch.Generator().manual_seed(1)
+    unit = "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (12,), generator=g))
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": unit * 5}) + "\n")
+    s = LongPPLSettings(length=37, num_samples=1, short_context=8, block=4)
+    same = build_sequences(
+        s, ByteTokenizer(), PeriodCopier(12, vocab=258), ByteTokenizer(), str(data)
+    )
+    other = build_sequences(
+        s, ByteTokenizer(), PeriodCopier(12, vocab=258), _OtherByteTokenizer(), str(data)
+    )
+    assert (
+        len(same) == len(other) == 1 and same[0].ids == other[0].ids == list(unit.encode() * 4)[:37]
+    )
+    assert torch.equal(same[0].key, other[0].key)
+    assert (torch.arange(1, 37)[other[0].key]).tolist() == list(range(12, 37))
+    with pytest.raises(EvalDataError, match="unpacked text documents"):
+        build_sequences(
+            s, ByteTokenizer(), PeriodCopier(12, vocab=258), _OtherByteTokenizer(), None
+        )
