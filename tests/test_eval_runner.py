@@ -451,6 +451,26 @@ def test_model_resolution_and_shards(hf_dir, tmp_path):
     assert take(list(range(7)), Shard(1, 3)) == [1, 4]
 
 
+def test_output_inside_a_model_being_evaluated_is_refused(hf_dir, tmp_path):
+    """Results written into a run's checkpoints dir (or a model dir) went with it when
+    checkpoints were pruned or the model was converted again (issue 14, item 4)."""
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.eval.runner import run_eval
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 100)
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    for models, out in [
+        ([str(run)], run / "checkpoints"),
+        ([str(run)], run / "checkpoints" / "iter_0000100" / "eval"),
+        ([str(run)], tmp_path / "link" / "eval"),
+        ([str(hf_dir)], hf_dir / "eval"),
+    ]:
+        with pytest.raises(ConfigError, match="Write them to a separate directory"):
+            run_eval(_settings(out, models))
+        assert not (out / "samples").exists() and not (out / "eval_config.json").exists()
+
+
 def test_cli_parses_sweeps(tmp_path):
     import argparse
 

@@ -428,3 +428,51 @@ def test_cli_reports_refusals(tmp_path, existing_output):
         with pytest.raises(ConfigError):
             args.func(args)
     assert _untouched(existing_output)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_refuses_output_that_is_contains_or_lies_inside_its_source(tmp_path):
+    """`convert to-hf runs/X runs/X --overwrite` used to replace the whole run, and converting
+    an iter dir into its checkpoints/ dir deleted every checkpoint (issue 14, item 4)."""
+    from hybrid_megatron.hf import hf_to_megatron, megatron_to_hf
+    from hybrid_megatron.hf.convert import _check_separate_from_checkpoints
+    from hybrid_megatron.hf.staging import OutputOverlapsSourceError
+
+    run = tmp_path / "run"
+    ckpt = _fake_checkpoint(run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "data").mkdir()
+    (run / "data" / "train.bin").write_bytes(b"tokens")
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "hybrid_megatron"}))
+    before = _tree(tmp_path)
+    for source, output in [
+        (run, run),  # is the run dir
+        (run, tmp_path),  # contains it
+        (run, run / "data"),  # an existing non-HF dir inside the run
+        (run / "checkpoints", run / "checkpoints"),
+        (ckpt, run / "checkpoints"),  # contains the checkpoint
+        (ckpt, ckpt),
+        (ckpt, ckpt / "hf"),  # inside it
+        (ckpt, run / "checkpoints" / "iter_0000009"),  # inside the checkpoints dir
+        (run, tmp_path / "link"),  # a symlink to the checkpoints dir
+        (tmp_path / "link" / ckpt.name, run / "checkpoints" / "new"),  # source via a symlink
+        (run, tmp_path / "link" / ".."),  # `..` after a symlink: the run dir
+    ]:
+        with pytest.raises(OutputOverlapsSourceError, match="--overwrite does not lift"):
+            megatron_to_hf(source, output, overwrite=True)
+    with pytest.raises(OutputOverlapsSourceError, match="the source Hugging Face directory"):
+        hf_to_megatron(hf_dir, hf_dir, overwrite=True)
+    with pytest.raises(OutputOverlapsSourceError, match="lies inside"):
+        hf_to_megatron(hf_dir, hf_dir / "megatron", overwrite=True)
+    assert _tree(tmp_path) == before
+    # Allowed: a new dir, or an earlier HF output, beside the checkpoints in the run dir.
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    for output in (run / "hf", run / "hf2", tmp_path / "elsewhere"):
+        _check_separate_from_checkpoints(output, run, ckpt.parent)

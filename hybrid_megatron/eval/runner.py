@@ -511,6 +511,24 @@ def write_report(
     return results
 
 
+def check_output_dir(out: Path, sources: Sequence[ModelSource]) -> None:
+    """Refuse an output dir that is or lies inside a model being evaluated: a run's
+    checkpoints dir (retention deletes checkpoint dirs, conversion replaces HF dirs, and the
+    results would go with them)."""
+    from hybrid_megatron.paths import overlap
+
+    for source in sources:
+        protected = source.path.parent if source.kind == "megatron" else source.path
+        how = overlap(out, protected)
+        if how in ("is", "lies inside"):
+            what = "checkpoints directory" if source.kind == "megatron" else "model directory"
+            raise ConfigError(
+                f"--output {out} {how} the {what} {protected} of model {source.name}: results "
+                "there are lost when checkpoints are pruned or the model is converted again. "
+                "Write them to a separate directory, e.g. RUN_DIR/eval."
+            )
+
+
 def _wait_for_ranks(out: Path, world: int, digest: str, timeout: float) -> list[int]:
     """Ranks still missing after waiting up to `timeout` seconds for their done markers."""
     deadline = time.monotonic() + timeout
@@ -529,6 +547,7 @@ def run_eval(settings: EvalSettings, shard: Shard | None = None) -> dict[str, An
         raise ConfigError("--num-samples must be >= 1 and --lengths non-empty.")
     check_tasks(settings)
     sources = resolve_models(settings.models, settings.all_checkpoints)
+    check_output_dir(out, sources)
     skipped = missing_data(settings)
     for task, reason in skipped.items():
         print(f"hybrid-megatron eval: skipping task {task}: {reason}", file=sys.stderr, flush=True)

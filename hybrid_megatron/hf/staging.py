@@ -15,10 +15,42 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.paths import overlap, real_path
 
 
 class OutputExistsError(ConfigError):
     """The output path holds files and overwriting was not requested."""
+
+
+class OutputOverlapsSourceError(ConfigError):
+    """The output path is, contains or lies inside what the command reads."""
+
+
+def check_not_source(
+    output: str | os.PathLike,
+    source: str | os.PathLike,
+    what: str,
+    hint: str,
+    *,
+    new_inside_ok: bool = False,
+) -> None:
+    """Refuse an `output` that is, contains or lies inside `source`, even with overwrite.
+
+    `new_inside_ok`: an output inside `source` is allowed when it does not exist yet or is
+    an earlier Hugging Face output (holds config.json), e.g. RUN_DIR/hf for a run dir source.
+    """
+    how = overlap(output, source)
+    if how is None:
+        return
+    if how == "lies inside" and new_inside_ok:
+        out = Path(output)
+        if not out.exists() or (out / "config.json").is_file():
+            return
+    resolved = f" (resolved: {real_path(output)})" if real_path(output) != Path(output) else ""
+    raise OutputOverlapsSourceError(
+        f"Output {output}{resolved} {how} the source {what} {source}: writing there could "
+        f"destroy what is read; nothing was changed (--overwrite does not lift this). {hint}"
+    )
 
 
 def check_output(output: Path, overwrite: bool) -> None:
