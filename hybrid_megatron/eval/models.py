@@ -13,6 +13,7 @@ A model path is either
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -65,6 +66,12 @@ class ModelSource:
     kind: Literal["hf", "megatron"]
     iteration: int | None = None
     run: str | None = None  # the training run it belongs to (groups score-vs-step curves)
+    identity: str = ""  # `model_identity`: what the weights are, not what the folder is called
+
+    @property
+    def key(self) -> str:
+        """Names the model in work-item keys: display name and identity."""
+        return f"{self.name}@{self.identity}" if self.identity else self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -83,9 +90,51 @@ class EvalModelInfo:
     dtype: str
     device: str
     converted: bool = False
+    model_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------- identity
+
+_FINGERPRINT_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HF_METADATA = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def _fingerprint(h: Any, path: Path) -> None:
+    """Name, size and the first and last MiB of a file (values of its first/last tensors)."""
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > 2 * _FINGERPRINT_BYTES:
+            f.seek(size - _FINGERPRINT_BYTES)
+        h.update(f.read(_FINGERPRINT_BYTES))
+
+
+def model_identity(path: Path, kind: str) -> str:
+    """A short hash naming the weights at `path`, stable across reruns: its resolved path and,
+    for a Megatron checkpoint, its completion marker (iteration, file sizes and CRC32s); for a
+    Hugging Face directory, its config, weights index, tokenizer files and a fingerprint of
+    every weight file. Another model in a folder of the same name gets another identity."""
+    from hybrid_megatron.checkpoint.layout import COMPLETE_MARKER
+
+    h = hashlib.sha1(str(path.expanduser().resolve()).encode() + b"\0")
+    try:
+        if kind == "megatron":
+            h.update((path / COMPLETE_MARKER).read_bytes())
+        else:
+            for name in (*_HF_METADATA, *_TOKENIZER_FILES):
+                if (path / name).is_file():
+                    h.update(name.encode() + b"\0" + (path / name).read_bytes())
+            for f in sorted(path.iterdir()):
+                if f.suffix in _WEIGHT_SUFFIXES and f.is_file():
+                    _fingerprint(h, f)
+    except OSError as err:
+        raise ModelLoadError(f"Cannot read model {path} ({err}).") from err
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -109,12 +158,12 @@ def _hf_source(path: Path) -> ModelSource:
     run = _run_name(Path(source)) if source else None
     # Converted from a training run: named by run and step, not by the folder ("hf").
     name = f"{run} step {iteration}" if run and iteration is not None else path.absolute().name
-    return ModelSource(name, path, "hf", iteration, run)
+    return ModelSource(name, path, "hf", iteration, run, model_identity(path, "hf"))
 
 
 def describe_model(path: str | os.PathLike) -> ModelSource:
     """Classify one model path (HF dir or Megatron checkpoint) without loading weights."""
-    from hybrid_megatron.checkpoint.layout import CheckpointError, resolve_checkpoint
+    from hybrid_megatron.checkpoint.layout import CheckpointError, is_iter_dir, resolve_checkpoint
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -125,12 +174,18 @@ def describe_model(path: str | os.PathLike) -> ModelSource:
         )
     if (path / "config.json").is_file():
         return _hf_source(path)
-    try:  # size checks only: conversion verifies checksums before it reads anything
-        info = resolve_checkpoint(path, verify_checksums=False)
+    # A run or checkpoints dir: the newest intact checkpoint, as train and convert pick it
+    # (checksums verified, newer corrupt/partial ones skipped with a warning). One iter dir:
+    # size checks here; its conversion verifies the checksums before reading anything.
+    try:
+        info = resolve_checkpoint(path, verify_checksums=not is_iter_dir(path))
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from err
     run = _run_name(info.path)
-    return ModelSource(f"{run}/{info.path.name}", info.path, "megatron", info.iteration, run)
+    identity = model_identity(info.path, "megatron")
+    return ModelSource(
+        f"{run}/{info.path.name}", info.path, "megatron", info.iteration, run, identity
+    )
 
 
 def _expand(spec: str) -> list[ModelSource]:
@@ -158,14 +213,17 @@ def _expand(spec: str) -> list[ModelSource]:
 
 def all_checkpoints(run_dir: str | os.PathLike) -> list[ModelSource]:
     """Every complete iter_* checkpoint of a run (oldest first); partial ones are skipped."""
-    from hybrid_megatron.checkpoint.layout import complete_checkpoints, list_checkpoint_dirs, warn
+    from hybrid_megatron.checkpoint.layout import checkpoint_problem, list_checkpoint_dirs, warn
 
     run_dir = Path(run_dir).expanduser()
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    complete = complete_checkpoints(root)
+    complete = []
     for info in list_checkpoint_dirs(root):
-        if info not in complete:
-            warn(f"Skipping checkpoint {info.path}: no completion marker (partial save).")
+        problem = checkpoint_problem(info.path, verify_checksums=False)  # conversion: CRCs
+        if problem is None:
+            complete.append(info)
+        else:
+            warn(f"Skipping checkpoint {info.path}: {problem}.")
     if not complete:
         raise ModelLoadError(
             f"No complete checkpoint under {root}: --all-checkpoints needs a run directory "
@@ -191,9 +249,7 @@ def resolve_models(
         raise ModelLoadError("No model given: pass --model PATH or --all-checkpoints RUN_DIR.")
     names = [s.name for s in unique]
     return [
-        ModelSource(str(s.path.absolute()), s.path, s.kind, s.iteration, s.run)
-        if names.count(s.name) > 1
-        else s
+        dataclasses.replace(s, name=str(s.path.absolute())) if names.count(s.name) > 1 else s
         for s in unique
     ]
 
@@ -207,8 +263,9 @@ def default_cache_dir() -> Path:
 
 
 def converted_path(source: ModelSource, cache_dir: str | os.PathLike, dtype: str) -> Path:
-    """Where `source` converted at `dtype` lives in `cache_dir` (same source -> same dir)."""
-    digest = hashlib.sha1(str(source.path.absolute()).encode()).hexdigest()[:8]
+    """Where `source` converted at `dtype` lives in `cache_dir` (same source -> same dir; a
+    checkpoint rewritten at the same path has another identity, so another dir)."""
+    digest = hashlib.sha1(f"{source.path.absolute()}\0{source.identity}".encode()).hexdigest()[:8]
     label = source.name.replace("/", "__").replace(os.sep, "__").strip("_") or "model"
     return Path(cache_dir) / f"{label[-80:]}-{dtype}-{digest}"
 
@@ -565,5 +622,6 @@ def load_eval_model(
         dtype=_dtype_name(torch_dtype),
         device=str(device),
         converted=converted,
+        model_id=source.identity,
     )
     return model, tok, info

@@ -11,10 +11,18 @@ appends one row per finished sample to its own file (`store`). A killed sweep, r
 the same settings (any world size), finishes only the remaining samples. Rank 0 then waits
 for the other ranks' done markers, aggregates (`aggregate`) and draws the plots.
 
+Rows are keyed by model identity (`models.model_identity`: resolved path + checkpoint marker
+or HF weights fingerprint), never by folder name alone, so another model in a folder of the
+same name is evaluated afresh; an output dir holding results of a different model under the
+same name is refused. Every setting that changes predictions (dtype, device type, attention
+implementation, batch size, tokenizer, seed, task options, transformers and torch versions)
+is recorded in `eval_config.json`; a rerun with other settings is refused (write to a new
+--output), and an unreadable settings file stops the run.
+
 Notes: the aggregation covers every row in the directory (earlier invocations with other
 models or tasks included; `n` says how many samples each number averages). With
-`--batch-size` > 1 a resumed or re-sharded sweep may batch prompts differently, which in
-bf16 can flip a rare near-tie greedy choice; `--batch-size 1` reruns are bit-identical.
+`--batch-size` > 1 a re-sharded sweep may batch prompts differently, which in bf16 can flip a
+rare near-tie greedy choice; `--batch-size 1` reruns are bit-identical.
 """
 
 from __future__ import annotations
@@ -97,9 +105,19 @@ class EvalSettings:
     def __post_init__(self) -> None:
         self.output = Path(self.output)
 
-    def sample_settings(self) -> dict[str, Any]:
-        """What shapes the samples and their scores (must match on restart)."""
+    def sample_settings(self, device: torch.device | None = None) -> dict[str, Any]:
+        """What shapes the samples, the predictions and their scores (must match on restart);
+        `device`: the resolved device (its type and the dtype it implies are recorded)."""
+        import transformers
+
+        device = device or resolve_device(self.device)
         return {
+            "dtype": _dtype_label(resolve_dtype(self.dtype, device)),
+            "device": device.type,
+            "attn_implementation": self.attn_implementation,
+            "batch_size": self.batch_size,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0],
             "seed": self.seed,
             "task_options": self.task_options,
             "max_new_tokens": self.max_new_tokens,
@@ -296,10 +314,15 @@ def _groups(items: Sequence[WorkItem]) -> dict[tuple, list[WorkItem]]:
     return groups
 
 
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _base_row(item: WorkItem, info: EvalModelInfo) -> dict[str, Any]:
     return {
         "key": item.key,
-        "model": item.model,
+        "model": info.name,
+        "model_id": info.model_id,
         "model_path": info.path,
         "iteration": info.iteration,
         "run": info.run,
@@ -339,7 +362,7 @@ class _Worker:
         # (HYBRID_MEGATRON_EVAL_CACHE) that parallel jobs of a sweep convert into once.
         shared = os.environ.get(CACHE_ENV)
         cache = Path(shared) if shared else self.s.output / store.CONVERTED_DIR
-        pending = [s for s in sources if any(it.model == s.name for it in todo)]
+        pending = [s for s in sources if any(it.model == s.key for it in todo)]
         prepare_conversions(
             pending,
             cache,
@@ -347,7 +370,7 @@ class _Worker:
             self.s.verify_conversion,
         )
         for source in pending:
-            items = [it for it in todo if it.model == source.name]
+            items = [it for it in todo if it.model == source.key]
             try:
                 model, tok, info = load_eval_model(
                     source,
@@ -529,6 +552,27 @@ def check_output_dir(out: Path, sources: Sequence[ModelSource]) -> None:
             )
 
 
+def check_same_models(out: Path, rows: Sequence[dict], sources: Sequence[ModelSource]) -> None:
+    """Refuse when `out` holds results of a different model (another identity) under the name
+    of one of `sources`: the results would be shown together under one name."""
+    for source in sources:
+        other = next(
+            (
+                r
+                for r in rows
+                if r.get("model") == source.name and r.get("model_id") != source.identity
+            ),
+            None,
+        )
+        if other is not None:
+            raise ConfigError(
+                f"{out} already holds results of a different model named '{source.name}' "
+                f"(from {other.get('model_path')}, id {other.get('model_id') or 'unknown'}); "
+                f"this one is {source.path} (id {source.identity}): its weights differ or it "
+                "moved. Write to a new --output directory, or delete the old results."
+            )
+
+
 def _wait_for_ranks(out: Path, world: int, digest: str, timeout: float) -> list[int]:
     """Ranks still missing after waiting up to `timeout` seconds for their done markers."""
     deadline = time.monotonic() + timeout
@@ -553,14 +597,20 @@ def run_eval(settings: EvalSettings, shard: Shard | None = None) -> dict[str, An
         print(f"hybrid-megatron eval: skipping task {task}: {reason}", file=sys.stderr, flush=True)
     tasks = [t for t in settings.tasks if t not in skipped]
     depths = (settings.depths or [0, 25, 50, 75, 100]) if settings.grid else None
-    names = [s.name for s in sources]
     plan = build_plan(
-        names, tasks, settings.lengths, settings.num_samples, depths, grid_tasks(settings)
+        [s.key for s in sources],
+        tasks,
+        settings.lengths,
+        settings.num_samples,
+        depths,
+        grid_tasks(settings),
     )
     digest = plan_digest(plan)
-    store.check_settings(out, settings.sample_settings())
+    store.check_settings(out, settings.sample_settings(resolve_device(settings.device)))
+    rows = store.read_rows(out)
+    check_same_models(out, rows, sources)
     store.clear_done(out, shard)
-    finished = store.finished_keys(out)
+    finished = {row["key"] for row in rows}
     mine = take(plan, shard)
     todo = [it for it in mine if it.key not in finished]
     print(
@@ -573,9 +623,10 @@ def run_eval(settings: EvalSettings, shard: Shard | None = None) -> dict[str, An
         if shard.rank == 0:
             for source in sources:
                 for task, reason in skipped.items():
-                    key = f"{source.name}|{task}|skipped"
+                    key = f"{source.key}|{task}|skipped"
                     if key not in finished:
-                        row = {"key": key, "model": source.name, "model_path": str(source.path)}
+                        row = {"key": key, "model": source.name, "model_id": source.identity}
+                        row["model_path"] = str(source.path)
                         row |= {"iteration": source.iteration, "run": source.run}
                         writer.write(row | {"task": task, "length": None, "skipped": reason})
         worker = _Worker(settings, shard, writer)
