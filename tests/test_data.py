@@ -550,6 +550,36 @@ def test_corrupt_idx(copy_of_a, damage):
         _build(copy_of_a)
 
 
+def _idx_tables(idx: Path) -> tuple[int, int, int]:
+    """(sequence count, byte offset of the pointer table, of the document index)."""
+    n = struct.unpack("<Q", idx.read_bytes()[18:26])[0]
+    return n, 34 + 4 * n, 34 + 12 * n
+
+
+@pytest.mark.parametrize("damage", ["shifted", "wild", "documents"])
+def test_corrupt_pointer_tables_are_named_before_training(copy_of_a, damage):
+    """A shifted pointer trained silently on wrong tokens and a wild one crashed at the first
+    batch with a numpy traceback (issue 14, item 11)."""
+    idx = Path(f"{copy_of_a}.idx")
+    data = bytearray(idx.read_bytes())
+    n, pointers, documents = _idx_tables(idx)
+    assert n > 3
+    at = pointers + 8 * 2  # pointer of sequence 2
+    value = struct.unpack_from("<q", data, at)[0]
+    if damage == "shifted":  # still inside the .bin, still monotone
+        struct.pack_into("<q", data, at, value + 2)
+        match = r"sequence pointer 2 is \d+ but sequence 1 ends at byte"
+    elif damage == "wild":
+        struct.pack_into("<q", data, at, value ^ (1 << 40))
+        match = r"sequence pointer 2 is"
+    else:  # the document index goes back
+        struct.pack_into("<q", data, documents + 8 * 2, 0)
+        match = r"document index entry 2 \(0\) is below the one before it"
+    idx.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"index file .*a\.idx is corrupt .*{match}.*preprocess"):
+        _build(copy_of_a)
+
+
 def test_vocab_bigger_than_model(copy_of_a):
     # The tokenizer alone does not fit the model.
     with pytest.raises(DataError, match=r"vocab mismatch.*258.*200"):
