@@ -10,8 +10,9 @@
 - `verify`: logits of a Megatron checkpoint vs an HF directory on the same tokens.
 
 Both converters refuse, before writing anything, partial/corrupt checkpoints, existing
-outputs (unless overwrite) and MoE layers; they build the output beside the target and move
-it into place only after it verified (unless verification is disabled).
+outputs (unless overwrite), outputs that are, contain or lie inside their source (even with
+overwrite) and MoE layers; they build the output beside the target and move it into place
+only after it verified (unless verification is disabled). A full disk is reported as such.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ def megatron_to_hf(
             "output": str(output),
             "dtype": str(torch_dtype).removeprefix("torch."),
         }
-        with staged_output(output, overwrite) as tmp:
+        needed = sum(t.numel() for t in state.values()) * torch_dtype.itemsize
+        with staged_output(output, overwrite, needed) as tmp:
             special = _write_tokenizer(cfg, tok_dir, tmp, padded)
             _save_hf(hf_config, state, tmp, torch_dtype, max_shard_size, special)
             del state
@@ -330,7 +332,8 @@ def hf_to_megatron(
             "output": str(output),
             "iteration": iteration,
         }
-        with staged_output(output, overwrite) as tmp:
+        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        with staged_output(output, overwrite, needed) as tmp:
             ckpt = megatron_io.save_weights_checkpoint(
                 [model], cfg, tmp, iteration, {"converted_from": str(hf_dir.absolute())}
             )
