@@ -687,3 +687,33 @@ def test_train_tokenizer_cli_bpe_round_trip(tmp_path, capsys):
     assert cli_main([*args[:4], "100", "--output", str(tmp_path / "small")]) == 2
     assert re.search(r"vocab_size=100 is too small.*>= 258", capsys.readouterr().err)
     assert not (tmp_path / "small").exists()
+
+
+def test_train_tokenizer_reports_the_size_it_wrote(tmp_path, capsys):
+    """On a small corpus BPE stops below the requested size; the message claimed the
+    requested size (issue 14, item 12)."""
+    from hybrid_megatron.cli import main as cli_main
+
+    corpus = _write_jsonl(tmp_path / "small.jsonl", ["the pass key is 12345", "hello world"] * 3)
+    out = tmp_path / "tok"
+    args = ["train-tokenizer", "--input", str(corpus), "--vocab-size", "2000"]
+    assert cli_main([*args, "--output", str(out)]) == 0
+    written = build_tokenizer(str(out)).vocab_size
+    assert 258 <= written < 2000
+    err = capsys.readouterr().err
+    assert f"wrote a {written}-token byte-level BPE tokenizer" in err and "2000 requested" in err
+
+
+def test_non_utf8_input_names_its_line(tmp_path):
+    """The error named the line where decoding of a buffered block started (line 1 here), not
+    the line holding the bad bytes (issue 14, item 12)."""
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(200)]
+    lines[150] = b'{"text": "caf\xe9"}'  # Latin-1, not UTF-8
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:151: not valid UTF-8 at byte 14 "):
+        preprocess([bad], tmp_path / "x", log=None)
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes(b"first line\nsecond\nthird caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin1\.txt:3: not valid UTF-8 at byte 10 "):
+        preprocess([txt], tmp_path / "y", log=None)
