@@ -12,17 +12,14 @@ A model path is either
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.eval.identity import TOKENIZER_FILES, model_identity
+from hybrid_megatron.eval.locks import LockHeld, file_lock
 
 CACHE_ENV = "HYBRID_MEGATRON_EVAL_CACHE"
 # Launcher variables a conversion subprocess must not inherit (it runs as a world of one).
@@ -51,10 +50,6 @@ _WILDCARDS = "*?["
 
 class ModelLoadError(ConfigError):
     """A model path that cannot be evaluated; the message names the path and the fix."""
-
-
-class LockHeld(Exception):
-    """`file_lock(wait=False)` found the lock taken by a live process."""
 
 
 @dataclass(frozen=True)
@@ -96,47 +91,6 @@ class EvalModelInfo:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- identity
-
-_FINGERPRINT_BYTES = 1 << 20
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_HF_METADATA = ("config.json", "generation_config.json", "model.safetensors.index.json")
-
-
-def _fingerprint(h: Any, path: Path) -> None:
-    """Name, size and the first and last MiB of a file (values of its first/last tensors)."""
-    size = path.stat().st_size
-    h.update(f"{path.name}\0{size}\0".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        if size > 2 * _FINGERPRINT_BYTES:
-            f.seek(size - _FINGERPRINT_BYTES)
-        h.update(f.read(_FINGERPRINT_BYTES))
-
-
-def model_identity(path: Path, kind: str) -> str:
-    """A short hash naming the weights at `path`, stable across reruns: its resolved path and,
-    for a Megatron checkpoint, its completion marker (iteration, file sizes and CRC32s); for a
-    Hugging Face directory, its config, weights index, tokenizer files and a fingerprint of
-    every weight file. Another model in a folder of the same name gets another identity."""
-    from hybrid_megatron.checkpoint.layout import COMPLETE_MARKER
-
-    h = hashlib.sha1(str(path.expanduser().resolve()).encode() + b"\0")
-    try:
-        if kind == "megatron":
-            h.update((path / COMPLETE_MARKER).read_bytes())
-        else:
-            for name in (*_HF_METADATA, *_TOKENIZER_FILES):
-                if (path / name).is_file():
-                    h.update(name.encode() + b"\0" + (path / name).read_bytes())
-            for f in sorted(path.iterdir()):
-                if f.suffix in _WEIGHT_SUFFIXES and f.is_file():
-                    _fingerprint(h, f)
-    except OSError as err:
-        raise ModelLoadError(f"Cannot read model {path} ({err}).") from err
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- resolving
 
 
@@ -145,6 +99,13 @@ def _run_name(iter_dir: Path) -> str:
     if parent.name == "checkpoints":
         parent = parent.parent
     return parent.name or str(parent)
+
+
+def _identity(path: Path, kind: str) -> str:
+    try:
+        return model_identity(path, kind)
+    except OSError as err:
+        raise ModelLoadError(f"Cannot read model {path} ({err}).") from err
 
 
 def _hf_source(path: Path) -> ModelSource:
@@ -158,7 +119,7 @@ def _hf_source(path: Path) -> ModelSource:
     run = _run_name(Path(source)) if source else None
     # Converted from a training run: named by run and step, not by the folder ("hf").
     name = f"{run} step {iteration}" if run and iteration is not None else path.absolute().name
-    return ModelSource(name, path, "hf", iteration, run, model_identity(path, "hf"))
+    return ModelSource(name, path, "hf", iteration, run, _identity(path, "hf"))
 
 
 def describe_model(path: str | os.PathLike) -> ModelSource:
@@ -182,7 +143,7 @@ def describe_model(path: str | os.PathLike) -> ModelSource:
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from err
     run = _run_name(info.path)
-    identity = model_identity(info.path, "megatron")
+    identity = _identity(info.path, "megatron")
     return ModelSource(
         f"{run}/{info.path.name}", info.path, "megatron", info.iteration, run, identity
     )
@@ -276,59 +237,6 @@ def _matches(hf_dir: Path, source: ModelSource) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return meta.get("iteration") == source.iteration
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def file_lock(
-    path: Path, timeout: float = 4 * 3600, poll: float = 0.5, wait: bool = True
-) -> Iterator[None]:
-    """An exclusive lock file across processes (and hosts on a shared file system).
-
-    A lock left by a dead process on this host is taken over; one held by a live process is
-    waited for up to `timeout` seconds, or, with `wait=False`, raises `LockHeld` at once.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    start = time.monotonic()
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if not wait:
-                raise LockHeld(str(path)) from None
-            if time.monotonic() - start > timeout:
-                raise ModelLoadError(
-                    f"Waited {timeout:.0f}s for lock {path} held by {holder or 'another process'}"
-                    ". Delete the file if no conversion is running."
-                ) from None
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _converted(target: Path, source: ModelSource) -> bool:
@@ -481,7 +389,7 @@ class EvalTokenizer:
         return f"EvalTokenizer({self.spec!r})"
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = TOKENIZER_FILES
 
 
 def load_tokenizer(

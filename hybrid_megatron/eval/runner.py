@@ -55,8 +55,10 @@ from hybrid_megatron.eval.models import (
     resolve_dtype,
     resolve_models,
 )
+from hybrid_megatron.eval.output_checks import check_output_dir, check_same_models
 from hybrid_megatron.eval.perplexity import PplSequences, evaluate_sequence
 from hybrid_megatron.eval.plan import PPL_TASK, WorkItem, build_plan, plan_digest
+from hybrid_megatron.eval.progress import Progress
 from hybrid_megatron.eval.scoring import score_sample
 from hybrid_megatron.eval.sharding import Shard, shard_from_env, take
 from hybrid_megatron.eval.tasks import (
@@ -225,61 +227,6 @@ def cpu_threads(model: torch.nn.Module, requested: int | None) -> int:
         return 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     return max(1, available_cores() // max(1, local))
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Progress lines: done/total samples, samples/s and an ETA weighted by sample length.
-
-    A line every `every` samples, at least every `interval` seconds while work goes on, and at
-    the end. Samples of different lengths cost very different times, so the ETA divides the
-    tokens still to do by the tokens done per second (not samples by samples per second).
-    """
-
-    def __init__(
-        self, lengths: Sequence[int], every: int, prefix: str, interval: float = 30.0
-    ) -> None:
-        self.total, self.every, self.prefix = len(lengths), max(1, every), prefix
-        self.total_tokens = sum(lengths)
-        self.done = self.done_tokens = 0
-        self.interval = interval
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int = 1, tokens: int = 0) -> None:
-        before = self.done
-        self.done += n
-        self.done_tokens += tokens
-        now = time.perf_counter()
-        if (
-            self.done // self.every > before // self.every
-            or self.done == self.total
-            or now - self.last >= self.interval
-        ):
-            self.last = now
-            print(self.line(), flush=True)
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        token_rate = self.done_tokens / elapsed
-        left_tokens = self.total_tokens - self.done_tokens
-        left = left_tokens / token_rate if token_rate > 0 else float("inf")
-        pct = 100.0 * self.done / max(self.total, 1)
-        return (
-            f"{self.prefix} {self.done}/{self.total} samples ({pct:.0f}%), "
-            f"{rate:.2f} samples/s, elapsed {_duration(elapsed)}, ETA {_duration(left)}"
-        )
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 # ----------------------------------------------------------------------------- work
@@ -532,45 +479,6 @@ def write_report(
         print(format_markdown(results), end="")
         print(f"wrote {json_path}, {md_path}" + (f" and {len(written)} plot(s)" if plots else ""))
     return results
-
-
-def check_output_dir(out: Path, sources: Sequence[ModelSource]) -> None:
-    """Refuse an output dir that is or lies inside a model being evaluated: a run's
-    checkpoints dir (retention deletes checkpoint dirs, conversion replaces HF dirs, and the
-    results would go with them)."""
-    from hybrid_megatron.paths import overlap
-
-    for source in sources:
-        protected = source.path.parent if source.kind == "megatron" else source.path
-        how = overlap(out, protected)
-        if how in ("is", "lies inside"):
-            what = "checkpoints directory" if source.kind == "megatron" else "model directory"
-            raise ConfigError(
-                f"--output {out} {how} the {what} {protected} of model {source.name}: results "
-                "there are lost when checkpoints are pruned or the model is converted again. "
-                "Write them to a separate directory, e.g. RUN_DIR/eval."
-            )
-
-
-def check_same_models(out: Path, rows: Sequence[dict], sources: Sequence[ModelSource]) -> None:
-    """Refuse when `out` holds results of a different model (another identity) under the name
-    of one of `sources`: the results would be shown together under one name."""
-    for source in sources:
-        other = next(
-            (
-                r
-                for r in rows
-                if r.get("model") == source.name and r.get("model_id") != source.identity
-            ),
-            None,
-        )
-        if other is not None:
-            raise ConfigError(
-                f"{out} already holds results of a different model named '{source.name}' "
-                f"(from {other.get('model_path')}, id {other.get('model_id') or 'unknown'}); "
-                f"this one is {source.path} (id {source.identity}): its weights differ or it "
-                "moved. Write to a new --output directory, or delete the old results."
-            )
 
 
 def _wait_for_ranks(out: Path, world: int, digest: str, timeout: float) -> list[int]:

@@ -134,6 +134,9 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     """Record the sample-shaping settings, or refuse a restart whose settings differ."""
     path = Path(out_dir) / CONFIG_FILE
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists, keys -> str)
+    # Looked at first: every invocation writes the settings before any sample file, so sample
+    # files seen here mean the settings file exists below, unless it was removed.
+    has_samples = bool(sample_files(out_dir))
     if path.exists():
         try:
             old = json.loads(path.read_text())
@@ -153,7 +156,7 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
                 "the same settings, or write to a new --output directory."
             )
         return
-    if sample_files(out_dir):
+    if has_samples:
         raise ConfigError(
             f"{out_dir} holds sample files but no {CONFIG_FILE}, so the settings they were made "
             "with are unknown; nothing was changed. Write to a new --output directory."
