@@ -567,3 +567,23 @@ def test_rerun_removes_staging_dirs_of_killed_conversions_only(tmp_path, capsys)
     )
     err = capsys.readouterr().err
     assert f"Removed {left[0]}" in err and "killed conversion" in err and "Restored" in err
+
+
+def test_disk_full_is_recognised_through_wrapping_writers(tmp_path):
+    """torch's distributed checkpoint writer (from-hf) wraps the OSError of a full disk."""
+    import errno
+
+    from hybrid_megatron.errors import DiskFullError
+    from hybrid_megatron.hf.staging import staged_output
+
+    full = r"about 2\.0 MB needed, .* free there now"
+    with (
+        pytest.raises(DiskFullError, match=full),
+        staged_output(tmp_path / "out", needed_bytes=2_000_000) as tmp,
+    ):
+        (tmp / "part").write_bytes(b"x")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as err:
+            raise RuntimeError("saving the checkpoint failed") from err
+    assert list(tmp_path.iterdir()) == []  # nothing at the target, no staging dir left

@@ -141,9 +141,22 @@ def staged_output(
         _publish(tmp, output, overwrite)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if _is_disk_full(err):
             raise DiskFullError(_disk_full_message(output, needed_bytes)) from err
         raise
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain (writers such as torch's distributed
+    checkpointing wrap the OSError), or in a wrapped message."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        current = current.__cause__ or current.__context__
+    return os.strerror(errno.ENOSPC) in str(err)
 
 
 def _size(num_bytes: float) -> str:
