@@ -129,7 +129,9 @@ def test_sigkill_during_checkpoint_save_then_resume_is_exact(reference, tmp_path
 
     resumed = _run(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Skipping checkpoint {partial}" in resumed.stderr
+    assert f"Checkpoint {partial} cannot be used" in resumed.stderr
+    assert "partial checkpoint" in resumed.stderr and "Moved it aside" in resumed.stderr
+    assert len(list(partial.parent.glob("iter_0000008.partial-*"))) == 1, "set aside, kept"
     assert "resumed from" in resumed.stdout and "iter_0000004" in resumed.stdout
     _assert_same_run(run_dir, reference)
     assert (partial / "hm_complete.json").is_file(), "iteration 8 was saved again, completely"
@@ -141,6 +143,40 @@ def test_retention_keeps_last_n_complete_checkpoints(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
+
+
+def _flip_a_byte(ckpt: Path) -> None:
+    f = ckpt / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_retention_keeps_good_ones(reference, tmp_path):
+    """Issue 14.1 + 14.2: a finished run whose newest checkpoint is corrupt, rerun with
+    keep_last=1. Before: exit 2 "Refusing to overwrite the complete checkpoint" (or retention
+    deleted the good older checkpoint); now the corrupt one is moved aside, never deleted."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    ckpts = run_dir / "checkpoints"
+    _flip_a_byte(ckpts / "iter_0000012")
+    proc = _run(run_dir, "checkpoint.keep_last=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iter_0000012 cannot be used" in proc.stderr and "CRC32" in proc.stderr
+    assert "resumed from" in proc.stdout and "iter_0000008" in proc.stdout
+    names = sorted(p.name for p in ckpts.iterdir())
+    aside = [n for n in names if n.startswith("iter_0000012.corrupt-")]
+    assert len(aside) == 1 and (ckpts / aside[0] / "__0_0.distcp").is_file()
+    # kept: the fresh step 12 and the one it resumed from (never deleted by that run)
+    assert [n for n in names if n.startswith("iter_") and "." not in n] == [
+        "iter_0000008",
+        "iter_0000012",
+    ]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "12\n"
+    assert (ckpts / "iter_0000012" / "hm_complete.json").is_file()
+    _assert_same_run(run_dir, reference)
 
 
 def test_tiny_run_learns_and_validation_tracks(tmp_path):

@@ -21,10 +21,8 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from hybrid_megatron import distributed
-from hybrid_megatron.checkpoint.layout import (
-    find_latest_valid,
-    resolve_checkpoint,
-)
+from hybrid_megatron.checkpoint.layout import CheckpointInfo, iter_dir_name, resolve_checkpoint
+from hybrid_megatron.checkpoint.retention import resume_point
 from hybrid_megatron.checkpoint.training_state import (
     FAULT_ENV,
     TrainingProgress,
@@ -117,6 +115,20 @@ def _write_run_config(cfg: RunConfig, run_dir: Path) -> None:
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _resume_point(cfg: RunConfig, ckpt_root: Path) -> CheckpointInfo | None:
+    """Rank 0 picks the newest checkpoint that verifies (setting unusable newer ones aside)
+    and tells every other rank."""
+    found = [None]
+    if dist.get_rank() == 0:
+        info = resume_point(ckpt_root, cfg.checkpoint.checksums)
+        found = [None if info is None else info.iteration]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is None:
+        return None
+    return CheckpointInfo(found[0], ckpt_root / iter_dir_name(found[0]))
 
 
 # --------------------------------------------------------------------------- steps
@@ -217,9 +229,7 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
     scheduler = build_scheduler(cfg, optimizer)
 
     progress = TrainingProgress()
-    resume = (
-        find_latest_valid(ckpt_root, cfg.checkpoint.checksums) if cfg.checkpoint.resume else None
-    )
+    resume = _resume_point(cfg, ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
         progress = load_training_checkpoint(cfg, resume, chunks, optimizer, scheduler)
         _log(
@@ -299,7 +309,13 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
             periodic = cfg.checkpoint.interval and progress.iteration % cfg.checkpoint.interval == 0
             if periodic or last or stopping or exit_now:
                 result.last_checkpoint = save_training_checkpoint(
-                    cfg, ckpt_root, chunks, optimizer, scheduler, progress
+                    cfg,
+                    ckpt_root,
+                    chunks,
+                    optimizer,
+                    scheduler,
+                    progress,
+                    protect=[resume.path] if resume else [],
                 )
                 _log(f"saved checkpoint {result.last_checkpoint}")
             if stopping or exit_now:
