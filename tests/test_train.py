@@ -179,6 +179,32 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_retention_keeps_good_ones(re
     _assert_same_run(run_dir, reference)
 
 
+def test_second_job_on_a_running_run_dir_is_refused(reference, tmp_path):
+    """Issue 14.3: two `train` jobs on one run dir used to interleave metrics rows and crash
+    in the checkpoint writer. The second now exits 2 at once naming the first; the first is
+    undisturbed."""
+    run_dir = tmp_path / "run"
+    env = dict(_env(), HYBRID_MEGATRON_FAULT="slow_steps:0.5")
+    first = subprocess.Popen(_cli(run_dir), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not ((run_dir / "metrics.jsonl").is_file() and _rows(run_dir, "train")):
+            assert time.time() < deadline and first.poll() is None, "first job did not start"
+            time.sleep(0.1)
+        second = _run(run_dir)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "in use by another training job" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "train.lock" in second.stderr
+        assert "Traceback" not in second.stderr
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert not (run_dir / "train.lock").exists(), "released at the end"
+    _assert_same_run(run_dir, reference)
+
+
 def test_tiny_run_learns_and_validation_tracks(tmp_path):
     """The tiny model (shortened run): loss falls well below its start; the pipeline after it
     writes the loss plot."""

@@ -24,6 +24,7 @@ from hybrid_megatron.training.after import (
 )
 from hybrid_megatron.training.progress import format_count
 from hybrid_megatron.training.run_dir import check_same_model
+from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 
 
 def _print(msg: str) -> None:
@@ -105,14 +106,20 @@ def _prepare_data(cfg: RunConfig) -> None:
 
 def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     """The `train` command for `cfg`; `argv` re-creates it for worker processes."""
-    from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
-
     if procenv.launched():
         return _train_under_launcher(cfg)
     cfg.validate()
     validate_data_source(cfg)
     run_dir = cfg.resolved_run_dir
     check_same_model(cfg, run_dir)
+    with acquire_run_lock(run_dir, share_with_children=True):
+        return _run_locked(cfg, argv, run_dir)
+
+
+def _run_locked(cfg: RunConfig, argv: Sequence[str], run_dir: Path) -> int:
+    """The plain command's work, while it holds the run-dir lock (shared with its workers)."""
+    from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
+
     done = newest_intact_iteration(cfg)
     if done is not None and done >= cfg.train.steps:
         record = finished_record(run_dir, done)

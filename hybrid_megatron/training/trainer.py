@@ -42,6 +42,8 @@ from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
+from hybrid_megatron.training.run_lock import RunLock
+from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
 from hybrid_megatron.training.signals import StopRequest
 
@@ -213,11 +215,38 @@ def train(cfg: RunConfig) -> TrainResult:
         stop.restore()
 
 
+def _lock_run_dir(run_dir: Path) -> RunLock | None:
+    """Rank 0 locks the run dir for this job before any rank writes; every rank learns
+    whether it could (a held lock is a ConfigError on all of them)."""
+    lock, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            lock = acquire_run_lock(run_dir)
+        except ConfigError as e:
+            error = [str(e)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
+    return lock
+
+
 def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> TrainResult:
-    t = cfg.train
     num_micro = validate_batch_layout(cfg, dist.get_world_size())
     check_same_model(cfg, run_dir)
     bf16 = _precision(cfg, device)
+    lock = _lock_run_dir(run_dir)
+    try:
+        return _train_locked(cfg, run_dir, ckpt_root, init_info, device, stop, num_micro, bf16)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest, num_micro: int, bf16: bool
+) -> TrainResult:
+    t = cfg.train
     _log("building datasets")
     datasets = build_train_valid(cfg, run_dir)
     _write_run_config(cfg, run_dir)
