@@ -205,6 +205,54 @@ def test_second_job_on_a_running_run_dir_is_refused(reference, tmp_path):
     _assert_same_run(run_dir, reference)
 
 
+def test_ctrl_c_during_a_checkpoint_save_stops_the_run(tmp_path):
+    """Issue 14.6: Ctrl-C (SIGINT to the trainer's process group, as a terminal sends it)
+    while a checkpoint is being saved used to be swallowed or to crash the save; now the save
+    completes and the run stops like on SIGTERM, exit 0."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    saving = run_dir / "checkpoints" / "iter_0000004"  # created when the save starts
+    deadline = time.time() + 240
+    while not saving.is_dir():
+        assert time.time() < deadline and proc.poll() is None, "no save started"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    steps = [r["step"] for r in _rows(run_dir, "train")]
+    assert steps[-1] in (4, 5), "stopped at the save (or the step after it if polling lagged)"
+    assert f"stopped at step {steps[-1]} (SIGINT)" in out
+    assert (run_dir / "checkpoints" / f"iter_{steps[-1]:07d}" / "hm_complete.json").is_file()
+
+
+def test_sigkilled_trainer_leaves_no_helper_processes(tmp_path):
+    """Issue 14.6: the checkpoint writer's helper processes (and their resource tracker) used
+    to outlive a SIGKILLed trainer for good; they must die with it within seconds."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = dict(_env(), HYBRID_MEGATRON_FAULT="slow_steps:0.3")
+    proc = subprocess.Popen(_cli(run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        marker = run_dir / "checkpoints" / "iter_0000004" / "hm_complete.json"
+        deadline = time.time() + 240
+        while not marker.is_file():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint was saved"
+            time.sleep(0.1)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers, "the checkpoint writer's helper process is running"
+        proc.kill()  # the trainer only, not its process group
+        proc.wait()
+        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        assert not alive, f"orphaned helper processes: {[p.cmdline() for p in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_tiny_run_learns_and_validation_tracks(tmp_path):
     """The tiny model (shortened run): loss falls well below its start; the pipeline after it
     writes the loss plot."""

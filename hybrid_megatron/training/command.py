@@ -162,9 +162,14 @@ def _run_locked(cfg: RunConfig, argv: Sequence[str], run_dir: Path) -> int:
 
 def _train_under_launcher(cfg: RunConfig) -> int:
     """One rank of a torchrun / srun job (or of this command's own workers)."""
+    import signal
+
     from hybrid_megatron import distributed
+    from hybrid_megatron.lifetime import die_with_parent
     from hybrid_megatron.training.trainer import train
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: stop (and save) with it
+        die_with_parent(signal.SIGTERM, parent=os.getppid())
     try:
         result = train(cfg)
     finally:

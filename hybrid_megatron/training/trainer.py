@@ -347,6 +347,7 @@ def _train_locked(
                     protect=[resume.path] if resume else [],
                 )
                 _log(f"saved checkpoint {result.last_checkpoint}")
+                stopping = stopping or stop.agreed(device)  # a signal during the save
             if stopping or exit_now:
                 result.stopped_by = stop.name if stopping else "exit_after_steps"
                 _log(
