@@ -108,8 +108,12 @@ def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     """The `train` command for `cfg`; `argv` re-creates it for worker processes."""
     if procenv.launched():
         return _train_under_launcher(cfg)
+    from hybrid_megatron.training.preflight import check_environment
+    from hybrid_megatron.training.workers import plan_cpu_processes, trains_on_cpu
+
     cfg.validate()
     validate_data_source(cfg)
+    check_environment(cfg, plan_cpu_processes(cfg) if trains_on_cpu(cfg) else 1)
     run_dir = cfg.resolved_run_dir
     check_same_model(cfg, run_dir)
     with acquire_run_lock(run_dir, share_with_children=True):

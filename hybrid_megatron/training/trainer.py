@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state as ps
 
-from hybrid_megatron import distributed
+from hybrid_megatron import distributed, procenv
 from hybrid_megatron.checkpoint.layout import CheckpointInfo, iter_dir_name, resolve_checkpoint
 from hybrid_megatron.checkpoint.retention import resume_point
 from hybrid_megatron.checkpoint.training_state import (
@@ -41,6 +41,7 @@ from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
+from hybrid_megatron.training.preflight import check_environment
 from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
 from hybrid_megatron.training.run_lock import RunLock
 from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
@@ -200,6 +201,7 @@ def train(cfg: RunConfig) -> TrainResult:
         )
     cfg.validate()
     validate_data_source(cfg)
+    check_environment(cfg, procenv.world_size())
     run_dir = cfg.resolved_run_dir
     ckpt_root = run_dir / "checkpoints"
     # Fail on a bad init checkpoint before any process group or data work.
