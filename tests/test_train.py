@@ -253,6 +253,26 @@ def test_sigkilled_trainer_leaves_no_helper_processes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_checkpoint_of_another_model_is_refused_before_loading(reference, tmp_path):
+    """Issue 14.9: with config.yaml gone, a run dir whose checkpoints hold another model used
+    to fail in Megatron ("Global shape mismatch" traceback) on every rerun. The run config
+    each checkpoint carries is compared first."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "config.yaml").unlink()
+    proc = _run(run_dir, "model.hidden_size=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "iter_0000012 was written by a different model (changed: model.hidden_size" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(
+        p.name for p in (reference / "checkpoints").iterdir()
+    ), "nothing moved or deleted"
+
+
 def test_tiny_run_learns_and_validation_tracks(tmp_path):
     """The tiny model (shortened run): loss falls well below its start; the pipeline after it
     writes the loss plot."""

@@ -42,7 +42,11 @@ from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.preflight import check_environment
-from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
+from hybrid_megatron.training.run_dir import (
+    check_checkpoint_model,
+    check_same_model,
+    has_checkpoint,
+)
 from hybrid_megatron.training.run_lock import RunLock
 from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
@@ -262,6 +266,7 @@ def _train_locked(
     progress = TrainingProgress()
     resume = _resume_point(cfg, ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
+        check_checkpoint_model(cfg, resume)
         progress = load_training_checkpoint(cfg, resume, chunks, optimizer, scheduler)
         _log(
             f"resumed from {resume.path} (step {progress.iteration}, "
