@@ -10,7 +10,12 @@ import time
 from hybrid_megatron import procenv
 from hybrid_megatron.commands import convert, data, launch, plot
 from hybrid_megatron.commands import eval as eval_commands
-from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
+from hybrid_megatron.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DiskFullError,
+    GenerationCheckError,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
-    except FloatingPointError as e:
+    except (FloatingPointError, DiskFullError) as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
 

@@ -273,6 +273,52 @@ def test_checkpoint_of_another_model_is_refused_before_loading(reference, tmp_pa
     ), "nothing moved or deleted"
 
 
+def test_steps_below_the_steps_done_is_refused(reference, tmp_path):
+    """Issue 14.12: `--steps 8` on a run dir that holds 12 steps used to exit 0 silently."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    config = (run_dir / "config.yaml").read_bytes()
+    proc = _run(run_dir, "train.steps=8")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "already holds 12 trained steps, more than train.steps=8" in proc.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config, "config.yaml not rewritten"
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unprivileged user+mount namespaces")
+def test_disk_full_during_a_save_says_so(tmp_path):
+    """Issue 14.12: a full disk during a save used to end in a torch serializer traceback
+    ("unexpected pos"). Checkpoints take ~22 MB here; a 30 MB filesystem holds one."""
+    import shlex
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    train = shlex.join(_cli(run_dir, "train.steps=8", "train.eval_interval=0"))
+    script = (
+        f"mount -t tmpfs -o size=30m tmpfs {ckpts} && {{ {train}; echo rc=$?; }} && "
+        f"ls {ckpts} && cat {ckpts}/latest_checkpointed_iteration.txt && "
+        f"ls {ckpts}/iter_0000004/hm_complete.json"
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "rc=3" in proc.stdout, proc.stderr[-3000:]
+    assert "No space left on device while saving checkpoint iter_0000008" in proc.stderr
+    assert "needs about 22" in proc.stderr and "iter_0000004 (step 4) is kept" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    listing = proc.stdout.split("rc=3", 1)[1].split()
+    assert "iter_0000008" not in listing and "iter_0000004" in listing
+    assert "4" in listing and f"{ckpts}/iter_0000004/hm_complete.json" in listing
+
+
 def test_tiny_run_learns_and_validation_tracks(tmp_path):
     """The tiny model (shortened run): loss falls well below its start; the pipeline after it
     writes the loss plot."""

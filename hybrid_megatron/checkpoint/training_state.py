@@ -39,7 +39,9 @@ from hybrid_megatron.checkpoint.retention import (
     problem_of,
     set_aside,
 )
+from hybrid_megatron.checkpoint.space import disk_full_message, save_failed_for_space
 from hybrid_megatron.config import RunConfig, to_dict
+from hybrid_megatron.errors import DiskFullError
 from hybrid_megatron.megatron_compat.optimizer_state import untie_adam_steps
 from hybrid_megatron.training.optimizer import init_empty_optimizer_state
 
@@ -173,23 +175,20 @@ def save_training_checkpoint(
         include_rng=True,
         include_optimizer=True,
     )
-    dist_checkpointing.save(sd, str(ckpt_dir))
-    _barrier()
+    try:
+        dist_checkpointing.save(sd, str(ckpt_dir))
+        _barrier()
+        if rank0:
+            _maybe_inject_fault(progress.iteration)
+            _mark_complete(cfg, ckpt_dir, progress)
+            atomic_write_text(ckpt_root / LATEST_FILE, f"{progress.iteration}\n")
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        if isinstance(err, KeyboardInterrupt | SystemExit) or not save_failed_for_space(
+            err, ckpt_dir
+        ):
+            raise
+        raise DiskFullError(disk_full_message(ckpt_dir, remove_partial=rank0)) from err
     if rank0:
-        _maybe_inject_fault(progress.iteration)
-        (ckpt_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        write_complete_marker(
-            ckpt_dir,
-            progress.iteration,
-            {
-                "consumed_samples": progress.consumed_samples,
-                "layout": parallel_layout(),
-                "optimizer_format": cfg.checkpoint.optimizer_format,
-            },
-            checksums=cfg.checkpoint.checksums,
-        )
-        mark_verified(ckpt_dir)
-        atomic_write_text(ckpt_root / LATEST_FILE, f"{progress.iteration}\n")
         apply_retention(
             ckpt_root,
             cfg.checkpoint.keep_last,
@@ -198,6 +197,22 @@ def save_training_checkpoint(
         )
     _barrier()
     return ckpt_dir
+
+
+def _mark_complete(cfg: RunConfig, ckpt_dir: Path, progress: TrainingProgress) -> None:
+    """Record the run config and the completion marker: this makes the checkpoint usable."""
+    (ckpt_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_complete_marker(
+        ckpt_dir,
+        progress.iteration,
+        {
+            "consumed_samples": progress.consumed_samples,
+            "layout": parallel_layout(),
+            "optimizer_format": cfg.checkpoint.optimizer_format,
+        },
+        checksums=cfg.checkpoint.checksums,
+    )
+    mark_verified(ckpt_dir)
 
 
 def _maybe_inject_fault(iteration: int) -> None:

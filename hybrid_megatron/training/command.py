@@ -23,7 +23,7 @@ from hybrid_megatron.training.after import (
     wants_hf,
 )
 from hybrid_megatron.training.progress import format_count
-from hybrid_megatron.training.run_dir import check_same_model
+from hybrid_megatron.training.run_dir import check_same_model, check_steps_not_below
 from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 
 
@@ -125,6 +125,7 @@ def _run_locked(cfg: RunConfig, argv: Sequence[str], run_dir: Path) -> int:
     from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
 
     done = newest_intact_iteration(cfg)
+    check_steps_not_below(cfg, done)
     if done is not None and done >= cfg.train.steps:
         record = finished_record(run_dir, done)
         if record is not None:

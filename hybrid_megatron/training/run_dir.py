@@ -63,3 +63,14 @@ def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
         newest = find_latest_valid(ckpt_root, verify_checksums=False, quiet=True)
         if newest is not None:
             check_checkpoint_model(cfg, newest)
+
+
+def check_steps_not_below(cfg: RunConfig, done: int | None) -> None:
+    """Asking for fewer steps than the run dir already holds is a mistake, not "finished"."""
+    if done is not None and done > cfg.train.steps:
+        raise ConfigError(
+            f"{cfg.resolved_run_dir} already holds {done} trained steps, more than "
+            f"train.steps={cfg.train.steps} (--steps): there is nothing to train, and its "
+            f"results are those of step {done}. Pass --steps {done} (or more, to train on), or "
+            "use a new run_dir for a shorter run."
+        )

@@ -45,6 +45,7 @@ from hybrid_megatron.training.preflight import check_environment
 from hybrid_megatron.training.run_dir import (
     check_checkpoint_model,
     check_same_model,
+    check_steps_not_below,
     has_checkpoint,
 )
 from hybrid_megatron.training.run_lock import RunLock
@@ -253,6 +254,10 @@ def _train_locked(
     cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest, num_micro: int, bf16: bool
 ) -> TrainResult:
     t = cfg.train
+    resume = _resume_point(cfg, ckpt_root) if cfg.checkpoint.resume else None
+    if resume is not None:
+        check_checkpoint_model(cfg, resume)
+        check_steps_not_below(cfg, resume.iteration)
     _log("building datasets")
     datasets = build_train_valid(cfg, run_dir)
     _write_run_config(cfg, run_dir)
@@ -264,9 +269,7 @@ def _train_locked(
     scheduler = build_scheduler(cfg, optimizer)
 
     progress = TrainingProgress()
-    resume = _resume_point(cfg, ckpt_root) if cfg.checkpoint.resume else None
     if resume is not None:
-        check_checkpoint_model(cfg, resume)
         progress = load_training_checkpoint(cfg, resume, chunks, optimizer, scheduler)
         _log(
             f"resumed from {resume.path} (step {progress.iteration}, "
