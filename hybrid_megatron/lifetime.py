@@ -49,3 +49,23 @@ def tie_forked_children() -> None:
     if not _hook_installed and hasattr(os, "register_at_fork"):
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _hook_installed = True
+
+
+def exit_when_orphaned(grace_s: float = 120.0, poll_s: float = 1.0) -> None:
+    """Exit hard `grace_s` seconds after this process's parent (a launcher) is gone.
+
+    The launcher's death also sends SIGTERM (see `die_with_parent`), which asks for a save at
+    the next step boundary; a rank stuck in a collective with a dead peer never gets there,
+    and would otherwise linger until the process-group timeout.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()

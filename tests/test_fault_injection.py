@@ -8,8 +8,8 @@ end the run's per-step losses, data checksums and validation losses equal those 
 uninterrupted run exactly; at every observation at least one intact checkpoint existed and
 `latest_checkpointed_iteration.txt` named one; no process of a killed job outlived it.
 
-Speed: every job is a fork of this test process, which has imported torch and Megatron once
-(a fork server), so a job costs its training, not interpreter start-up.
+Speed: every job is forked by `tests/fork_server.py`, which has imported torch and Megatron
+once, so a job costs its training, not interpreter start-up.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import psutil
@@ -61,47 +61,44 @@ SEED = 1414
 MIN_FAULTS = 20
 
 
+class ForkServer:
+    """tests/fork_server.py: forks warm `hybrid-megatron` jobs on request."""
+
+    def __init__(self) -> None:
+        path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+        env.pop("HYBRID_MEGATRON_FAULT", None)
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fork_server.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str]) -> int:
+        job = {"argv": argv, "log": str(log), "env": env, "unset": ["HYBRID_MEGATRON_FAULT"]}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 class Job:
-    """`hybrid-megatron train` in a forked child (own session, output to a log file)."""
+    """`hybrid-megatron train` forked by the server (own session, output to a log file)."""
 
-    def __init__(self, run_dir: Path, log: Path, fault: str | None = None) -> None:
-        import torch  # noqa: F401 - imported before forking: the child starts warm
-
-        self.log = log
+    def __init__(self, server: ForkServer, run_dir: Path, log: Path, fault: str | None = None):
         argv = ["train", TINY, "--run-dir", str(run_dir)]
         for item in SETTINGS:
             argv += ["--set", item]
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                os.setsid()
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-                os.environ.pop("HYBRID_MEGATRON_FAULT", None)
-                if fault:
-                    os.environ["HYBRID_MEGATRON_FAULT"] = fault
-                torch.set_num_threads(1)
-                from hybrid_megatron.cli import main
-
-                code = main(argv)
-            except BaseException:  # noqa: BLE001 - report anything, then exit
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code if isinstance(code, int) else 1)
-        self.pid = pid
+        self.log = log
+        self.rc_file = Path(f"{log}.rc")
+        self.pid = server.start(argv, log, {"HYBRID_MEGATRON_FAULT": fault} if fault else {})
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is None and self.rc_file.exists():
+            self.returncode = int(self.rc_file.read_text())
         return self.returncode
 
     def wait(self, timeout: float = 300) -> int:
@@ -228,9 +225,16 @@ def _flip_newest(ckpts: Path) -> str | None:
     return newest.name
 
 
-def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path):
+@pytest.fixture
+def server():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path, server):
     reference = tmp_path / "reference"
-    job = Job(reference, tmp_path / "reference.log")
+    job = Job(server, reference, tmp_path / "reference.log")
     assert job.wait() == 0, job.output()[-3000:]
     want = _trajectory(reference)
     assert [r[0] for r in want[0]] == list(range(1, STEPS + 1))
@@ -261,12 +265,12 @@ def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path):
             continue
         if kind.startswith("kill_save") and kind != "kill_save_random":
             step = done + (2 if kind == "kill_save_here" else 2 * rng.randint(1, 2))
-            job = Job(run_dir, log(), fault=f"kill_during_save:{step}")
+            job = Job(server, run_dir, log(), fault=f"kill_during_save:{step}")
             _run_until(job, inv, lambda job: False)
             assert job.returncode == -signal.SIGKILL, job.output()[-3000:]
             faults.append(f"kill -9 (process group) in the save of step {step}")
         elif kind == "kill_save_random":
-            job = Job(run_dir, log())
+            job = Job(server, run_dir, log())
             if not _run_until(job, inv, _saving_new(ckpts)):
                 assert job.returncode == 0, job.output()[-3000:]
                 continue
@@ -274,7 +278,7 @@ def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path):
             job.kill()
             faults.append("kill -9 (trainer) at a random moment of a save")
         elif kind == "kill_step":
-            job = Job(run_dir, log())
+            job = Job(server, run_dir, log())
             target = done + rng.randint(1, 3)
             if not _run_until(job, inv, _logged(target)):
                 assert job.returncode == 0, job.output()[-3000:]
@@ -283,11 +287,11 @@ def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path):
             job.kill()
             faults.append(f"kill -9 (trainer) after step {target}")
         else:  # concurrent
-            job = Job(run_dir, log())
+            job = Job(server, run_dir, log())
             if not _run_until(job, inv, _logged(done + 1)):
                 assert job.returncode == 0, job.output()[-3000:]
                 continue
-            second = Job(run_dir, log())
+            second = Job(server, run_dir, log())
             assert second.wait() == 2, second.output()[-3000:]
             assert "in use by another training job" in second.output()
             assert f"pid {job.pid}" in second.output()
@@ -297,7 +301,7 @@ def test_seeded_faults_end_with_the_uninterrupted_runs_exact_losses(tmp_path):
         inv.check(full=True)
 
     # resume to the end
-    job = Job(run_dir, log())
+    job = Job(server, run_dir, log())
     assert job.wait() == 0, job.output()[-3000:]
     inv.check(full=True)
     assert len(faults) >= MIN_FAULTS, f"only {len(faults)} faults: {faults}"

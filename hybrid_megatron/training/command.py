@@ -170,11 +170,12 @@ def _train_under_launcher(cfg: RunConfig) -> int:
     import signal
 
     from hybrid_megatron import distributed
-    from hybrid_megatron.lifetime import die_with_parent
+    from hybrid_megatron.lifetime import die_with_parent, exit_when_orphaned
     from hybrid_megatron.training.trainer import train
 
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: stop (and save) with it
         die_with_parent(signal.SIGTERM, parent=os.getppid())
+        exit_when_orphaned()
     try:
         result = train(cfg)
     finally:
