@@ -53,9 +53,9 @@ def _child(job: dict) -> None:
         os.dup2(fd, 2)
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        os.environ.update(job.get("env", {}))
         for key in job.get("unset", []):
             os.environ.pop(key, None)
+        os.environ.update(job.get("env", {}))
         import torch
 
         torch.set_num_threads(1)
