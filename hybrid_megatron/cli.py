@@ -212,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:  # every rank sees the same config: one of them says so
         return _user_error(f"config error: {e}")
-    except (BackendUnavailableError, DiskFullError) as e:
+    except BackendUnavailableError as e:
         return _user_error(str(e))
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
-    except FloatingPointError as e:
+    except (FloatingPointError, DiskFullError) as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
 

@@ -14,5 +14,4 @@ class GenerationCheckError(RuntimeError):
 
 
 class DiskFullError(RuntimeError):
-    """The disk filled up (ENOSPC) while writing; the message says what was kept and how much
-    space was needed."""
+    """A write failed for lack of disk space; the message says what was kept and what is needed."""

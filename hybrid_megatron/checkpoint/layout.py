@@ -7,7 +7,8 @@
         latest_checkpointed_iteration.txt   newest complete iteration (atomic rename)
 
 A directory without `hm_complete.json`, or whose files disagree with it, is partial or
-corrupt: it is skipped with a warning naming it and is never loaded.
+corrupt: it is skipped with a warning naming it and is never loaded (a training job moves it
+aside, see `retention`).
 """
 
 from __future__ import annotations
