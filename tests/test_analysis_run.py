@@ -122,7 +122,9 @@ def test_probe_and_grad_distance_write_json_and_plots(short_run, tmp_path):
     assert (out / "grad_distance.png").stat().st_size > 1000
 
 
-def test_monitor_logs_the_attention_mass_of_the_full_attention_heads(short_run):
+def _check_monitor_rows(run: Path, steps: list[int], prompts: int, cache: str) -> None:
+    """The run's retrieval rows are well-formed, and the last equals the HF analysis of the
+    converted last checkpoint on the same prompts."""
     import torch
 
     from hybrid_megatron.analysis.attention_probe import AttentionProbe
@@ -131,26 +133,19 @@ def test_monitor_logs_the_attention_mass_of_the_full_attention_heads(short_run):
     from hybrid_megatron.eval.models import load_eval_model
     from hybrid_megatron.training.metrics import read_metrics
 
-    run, env = short_run
     rows = [r for r in read_metrics(run) if r["split"] == "retrieval"]
-    assert [r["step"] for r in rows] == [3, 6]
+    assert [r["step"] for r in rows] == steps
     heads = [f"L{layer}H{h}" for layer in (4, 10) for h in range(4)]  # '*' of M-S-*-M-S-*-
     for r in rows:
-        assert r["prompts"] == 4 and all(0 <= r[k] <= 1 for k in heads)
+        assert r["prompts"] == prompts and all(0 <= r[k] <= 1 for k in heads)
         assert r["mass_max"] == max(r[k] for k in heads)
         assert r[f"L{r['top_layer']}H{r['top_head']}"] == r["mass_max"]
-    assert (run / "tensorboard").is_dir()
-    # the same score computed on the converted step-6 checkpoint by the HF analysis
     cfg = load_config(run / "config.yaml")
-    prompts = probe_prompts(cfg, run, 4)
-    model, _, _ = load_eval_model(
-        run / "checkpoints" / "iter_0000006",
-        "cpu",
-        "fp32",
-        cache_dir=env["HYBRID_MEGATRON_EVAL_CACHE"],
-    )
+    items = probe_prompts(cfg, run, prompts)
+    ckpt = run / "checkpoints" / f"iter_{steps[-1]:07d}"
+    model, _, _ = load_eval_model(ckpt, "cpu", "fp32", cache_dir=cache)
     total = {4: torch.zeros(4), 10: torch.zeros(4)}
-    for prompt, positions in prompts:
+    for prompt, positions in items:
         probe = AttentionProbe(model)
         probe.prefill(torch.tensor(prompt[:-QUERY_OFFSET]))
         step = probe.attend(torch.tensor(prompt[-QUERY_OFFSET:]))
@@ -158,7 +153,35 @@ def test_monitor_logs_the_attention_mass_of_the_full_attention_heads(short_run):
             total[layer] += step.attentions[layer][:, 0, positions].sum(-1)
     for layer, sums in total.items():
         for h in range(4):
-            assert rows[-1][f"L{layer}H{h}"] == pytest.approx(float(sums[h]) / 4, abs=1e-4)
+            expected = float(sums[h]) / prompts
+            assert rows[-1][f"L{layer}H{h}"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_monitor_logs_the_attention_mass_of_the_full_attention_heads(short_run):
+    run, env = short_run
+    _check_monitor_rows(run, [3, 6], 4, env["HYBRID_MEGATRON_EVAL_CACHE"])
+    assert (run / "tensorboard").is_dir()
+
+
+def _train_rank(run_dir: str, tp: int, pp: int) -> None:
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.training.trainer import train
+
+    overrides = [*SHORT, "train.steps=2", "optimizer.warmup_steps=1", "checkpoint.interval=0"]
+    overrides += ["train.retrieval_monitor_interval=2", f"run_dir={run_dir}"]
+    overrides += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"]
+    train(load_config(TINY, overrides))
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_monitor_under_tensor_and_pipeline_parallelism(tmp_path, tp, pp):
+    """Each rank scores the heads it holds (TP: a slice of heads, PP: some layers); the
+    logged row still equals the HF analysis of the checkpoint."""
+    from tests.dist_utils import run_distributed
+
+    run = tmp_path / "run"
+    run_distributed(_train_rank, 2, str(run), tp, pp)
+    _check_monitor_rows(run, [2], 4, str(tmp_path / "cache"))
 
 
 def test_monitor_settings_are_validated():
