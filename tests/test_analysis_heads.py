@@ -239,3 +239,26 @@ def test_analyses_sharded_over_two_ranks_equal_one_process(tmp_path):
         one.pop("seconds", None), two.pop("seconds", None)
         assert one == two
     assert (tmp_path / "two" / "heads" / "retrieval_heads.png").is_file()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@torch.no_grad()
+def test_probe_works_on_llama_style_models(window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (17,), generator=torch.Generator().manual_seed(3))
+    full = model(ids[None], output_attentions=True, use_cache=False)
+    model.config._attn_implementation = "sdpa"
+    probe = AttentionProbe(model)
+    assert probe.layout.windows == (window, window)
+    probe.prefill(ids[:14])
+    step = probe.attend(ids[14:])
+    for layer, ref in zip(probe.layout.layers, full.attentions, strict=True):
+        torch.testing.assert_close(step.attentions[layer], ref[0, :, 14:], atol=1e-5, rtol=1e-4)
