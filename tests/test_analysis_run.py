@@ -163,24 +163,25 @@ def test_monitor_logs_the_attention_mass_of_the_full_attention_heads(short_run):
     assert (run / "tensorboard").is_dir()
 
 
-def _train_rank(run_dir: str, tp: int, pp: int) -> None:
+def _train_rank(run_dir: str, tp: int, pp: int, vpp: int | None = None) -> None:
     from hybrid_megatron.config import load_config
     from hybrid_megatron.training.trainer import train
 
     overrides = [*SHORT, "train.steps=2", "optimizer.warmup_steps=1", "checkpoint.interval=0"]
     overrides += ["train.retrieval_monitor_interval=2", f"run_dir={run_dir}"]
     overrides += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"]
+    if vpp:
+        overrides.append(f"parallel.virtual_pipeline={vpp}")
     train(load_config(TINY, overrides))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_monitor_under_tensor_and_pipeline_parallelism(tmp_path, tp, pp):
-    """Each rank scores the heads it holds (TP: a slice of heads, PP: some layers); the
-    logged row still equals the HF analysis of the checkpoint."""
+def test_monitor_under_tensor_and_pipeline_parallelism(tmp_path):
+    """Each rank scores the heads it holds (TP=2: a slice of heads; PP=2 with two virtual
+    stages each: some layers); the logged row equals the HF analysis of the checkpoint."""
     from tests.dist_utils import run_distributed
 
     run = tmp_path / "run"
-    run_distributed(_train_rank, 2, str(run), tp, pp)
+    run_distributed(_train_rank, 4, str(run), 2, 2, 2)
     _check_monitor_rows(run, [2], 4, str(tmp_path / "cache"))
 
 

@@ -88,7 +88,8 @@ class RetrievalMonitor:
 
     def _batches(self) -> tuple[list[dict[str, Tensor]], int]:
         s, mb = self.cfg.model.seq_length, self.cfg.train.micro_batch_size
-        n = math.ceil(len(self.prompts) / mb)
+        pp = self.cfg.parallel.pipeline  # the interleaved schedule wants multiples of it
+        n = math.ceil(len(self.prompts) / mb / pp) * pp
         tokens = torch.zeros(n * mb, s, dtype=torch.long)
         for i, (prompt, _) in enumerate(self.prompts):
             tokens[i, : len(prompt)] = torch.tensor(prompt)
