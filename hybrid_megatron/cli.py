@@ -10,7 +10,12 @@ import time
 from hybrid_megatron import procenv
 from hybrid_megatron.commands import analyze, convert, data, launch, plot
 from hybrid_megatron.commands import eval as eval_commands
-from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
+from hybrid_megatron.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DiskFullError,
+    GenerationCheckError,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:  # every rank sees the same config: one of them says so
         return _user_error(f"config error: {e}")
-    except BackendUnavailableError as e:
+    except (BackendUnavailableError, DiskFullError) as e:
         return _user_error(str(e))
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)

@@ -11,3 +11,8 @@ class BackendUnavailableError(RuntimeError):
 
 class GenerationCheckError(RuntimeError):
     """Cached decoding disagrees with decoding by full forwards: every answer would be wrong."""
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up (ENOSPC) while writing; the message says what was kept and how much
+    space was needed."""

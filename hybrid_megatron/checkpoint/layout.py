@@ -112,6 +112,11 @@ def checkpoint_problem(ckpt_dir: Path, verify_checksums: bool = True) -> str | N
     return None
 
 
+def is_iter_dir(path: Path) -> bool:
+    """Whether `path` is named like one checkpoint (iter_NNNNNNN)."""
+    return _ITER_RE.match(Path(path).name) is not None
+
+
 def list_checkpoint_dirs(ckpt_root: Path) -> list[CheckpointInfo]:
     """All iter_* directories under `ckpt_root`, oldest first (complete or not)."""
     if not ckpt_root.is_dir():

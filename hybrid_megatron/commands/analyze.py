@@ -19,6 +19,7 @@ import importlib
 REGISTRARS: list[str] = [
     "hybrid_megatron.commands.analyze_mechanism:add_subcommands",
     "hybrid_megatron.commands.analyze_inference:add_subcommands",
+    "hybrid_megatron.commands.analyze_study:add_subcommands",
 ]
 
 
