@@ -29,6 +29,7 @@ SHORT = [
     "after_training.plots=false",
     "train.retrieval_monitor_interval=3",
     "train.retrieval_monitor_prompts=4",
+    "train.cpu_processes=2",  # two data-parallel workers: one replica reports
 ]
 
 
