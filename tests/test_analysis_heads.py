@@ -18,7 +18,7 @@ from hybrid_megatron.analysis.retrieval_heads import (
     summarize,
 )
 from hybrid_megatron.hf import HybridMegatronConfig, HybridMegatronForCausalLM
-from hybrid_megatron.hf.modeling_hybrid_megatron import apply_rope, rope_cos_sin
+from hybrid_megatron.hf.layers_hybrid_megatron import apply_rope, rope_cos_sin
 
 
 def random_model() -> HybridMegatronForCausalLM:

@@ -657,7 +657,7 @@ def test_progress_eta_weights_samples_by_length(monkeypatch, capsys):
 def test_cpu_threads_for_evaluation(monkeypatch):
     """One thread for small models (bench/bench_threads.py), the node's cores shared by its
     processes for large ones; an explicit request or OMP_NUM_THREADS wins."""
-    from hybrid_megatron.eval import runner
+    from hybrid_megatron.eval import settings as runner
 
     small = torch.nn.Linear(10, 10)
     large = torch.nn.Linear(6000, 6000, device="meta")  # 36M parameters, no memory

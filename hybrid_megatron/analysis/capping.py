@@ -193,7 +193,8 @@ def capped(model: Any, layers: Sequence[int], k: int, sinks: int = 0) -> Iterato
     decoder_layers = model.model.layers
     attn_modules = [decoder_layers[i].self_attn for i in layers if types[i] in ATTENTION]
     mixers = [decoder_layers[i].mixer for i in layers if types[i] == MAMBA]
-    modeling = sys.modules[type(model).__module__]
+    # the module whose attention layers call `attention_kernel` / `eager_attention`
+    modeling = sys.modules[type(decoder_layers[0]).__module__]
     saved_kernels = (modeling.attention_kernel, modeling.eager_attention)
     saved_windows = [a.window for a in attn_modules]
     try:
