@@ -404,6 +404,30 @@ def _validation_rank(run_dir: str, ckpt: str, tp: int, pp: int) -> float:
     return validation_loss(_config(Path(run_dir), tp, pp), ckpt)
 
 
+def _train_rank_error(run_dir: str) -> str | None:
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.training.trainer import train
+
+    try:
+        train(_config(Path(run_dir), 1, 1))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_every_rank_of_a_second_job_stops_on_a_held_lock(tmp_path):
+    """Issue 14.3 under a launcher: rank 0 finds the run dir locked by another job and every
+    rank stops with the same error before writing anything."""
+    from hybrid_megatron.training.run_lock import acquire
+
+    run_dir = tmp_path / "run"
+    with acquire(run_dir):  # another job (this test process) holds it
+        errors = run_distributed(_train_rank_error, 2, str(run_dir))
+    assert all(e and "in use by another training job" in e for e in errors), errors
+    assert errors[0] == errors[1] and f"pid {os.getpid()}" in errors[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [], "nothing written"
+
+
 def test_save_tp2_load_tp1_and_pp2_same_validation_loss(tmp_path):
     saved = tmp_path / "tp2"
     (valid, _), _ = run_distributed(_train_rank, 2, str(saved), 2, 1)
