@@ -526,6 +526,16 @@ def test_long_context_extension_loads_weights_only(reference, tmp_path):
     assert rows[0]["loss"] < _rows(reference, "train")[0]["loss"] - 1.0
 
 
+def test_init_from_a_checkpoint_of_other_weight_shapes_is_refused(reference, tmp_path):
+    """Issue 14.9 for train.init_from: other weight shapes fail with a message before any
+    work, not with Megatron's shape-mismatch traceback after the model is built."""
+    run_dir = tmp_path / "other"
+    proc = _run(run_dir, f"train.init_from={reference}", "model.hidden_size=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "other weight shapes: model.hidden_size (128 there, 64 here)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
 def _first_step_rank(run_dir: str, init: str, tp: int, pp: int, vpp: int | None):
     from hybrid_megatron.config import load_config
     from hybrid_megatron.training.trainer import train
