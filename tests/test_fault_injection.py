@@ -72,14 +72,20 @@ class ForkServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)  # fmt: skip
         assert self.proc.stdout.readline().strip() == "ready"
+        self.started: list[int] = []
 
     def start(self, argv: list[str], log: Path, env: dict[str, str]) -> int:
         job = {"argv": argv, "log": str(log), "env": env, "unset": ["HYBRID_MEGATRON_FAULT"]}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
+        pid = int(self.proc.stdout.readline())
+        self.started.append(pid)
+        return pid
 
     def close(self) -> None:
+        for pid in self.started:  # a failed test leaves no job behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 

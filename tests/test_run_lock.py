@@ -56,7 +56,18 @@ def test_second_job_is_refused_naming_the_holder(tmp_path):
     acquire(tmp_path / "run").release()  # free again
 
 
-def test_slurm_job_id_is_named(tmp_path):
+def _fake_squeue(tmp_path: Path, monkeypatch, body: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\n" + body)
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return squeue
+
+
+def test_slurm_job_id_is_named(tmp_path, monkeypatch):
+    _fake_squeue(tmp_path, monkeypatch, "echo RUNNING\n")  # its job still runs
     _write_lock(tmp_path, host="node7", job_id="slurm:4242")
     with pytest.raises(ConfigError, match="host node7, pid .*job 4242"):
         acquire(tmp_path)
@@ -71,6 +82,7 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, capsys):
 
 
 def test_remote_holder_is_stale_only_when_its_heartbeat_stopped(tmp_path, capsys):
+    # (no job id: squeue is not asked)
     path = _write_lock(tmp_path, host="elsewhere", pid=1)
     with pytest.raises(ConfigError, match="host elsewhere"):
         acquire(tmp_path)
@@ -84,6 +96,17 @@ def test_a_requeued_job_takes_over_its_own_earlier_lock(tmp_path, monkeypatch):
     _write_lock(tmp_path, host="node1", pid=1, job_id="slurm:77")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     acquire(tmp_path).release()
+
+
+def test_lock_of_an_ended_slurm_job_on_another_node_is_taken_over(tmp_path, monkeypatch):
+    ended = "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n"
+    _fake_squeue(tmp_path, monkeypatch, ended)
+    _write_lock(tmp_path / "run", host="node3", pid=1, job_id="slurm:99")
+    acquire(tmp_path / "run").release()
+    _fake_squeue(tmp_path, monkeypatch, "echo RUNNING\n")
+    _write_lock(tmp_path / "run", host="node3", pid=1, job_id="slurm:99")
+    with pytest.raises(ConfigError, match="job 99"):
+        acquire(tmp_path / "run")
 
 
 def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):

@@ -404,6 +404,30 @@ def _validation_rank(run_dir: str, ckpt: str, tp: int, pp: int) -> float:
     return validation_loss(_config(Path(run_dir), tp, pp), ckpt)
 
 
+def _train_rank_error(run_dir: str) -> str | None:
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.training.trainer import train
+
+    try:
+        train(_config(Path(run_dir), 1, 1))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_every_rank_of_a_second_job_stops_on_a_held_lock(tmp_path):
+    """Issue 14.3 under a launcher: rank 0 finds the run dir locked by another job and every
+    rank stops with the same error before writing anything."""
+    from hybrid_megatron.training.run_lock import acquire
+
+    run_dir = tmp_path / "run"
+    with acquire(run_dir):  # another job (this test process) holds it
+        errors = run_distributed(_train_rank_error, 2, str(run_dir))
+    assert all(e and "in use by another training job" in e for e in errors), errors
+    assert errors[0] == errors[1] and f"pid {os.getpid()}" in errors[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [], "nothing written"
+
+
 def test_save_tp2_load_tp1_and_pp2_same_validation_loss(tmp_path):
     saved = tmp_path / "tp2"
     (valid, _), _ = run_distributed(_train_rank, 2, str(saved), 2, 1)
@@ -500,6 +524,16 @@ def test_long_context_extension_loads_weights_only(reference, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["consumed_samples"] == 4
     # Trained weights: far below the loss of a fresh model (~ln 258 = 5.55).
     assert rows[0]["loss"] < _rows(reference, "train")[0]["loss"] - 1.0
+
+
+def test_init_from_a_checkpoint_of_other_weight_shapes_is_refused(reference, tmp_path):
+    """Issue 14.9 for train.init_from: other weight shapes fail with a message before any
+    work, not with Megatron's shape-mismatch traceback after the model is built."""
+    run_dir = tmp_path / "other"
+    proc = _run(run_dir, f"train.init_from={reference}", "model.hidden_size=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "other weight shapes: model.hidden_size (128 there, 64 here)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
 
 
 def _first_step_rank(run_dir: str, init: str, tp: int, pp: int, vpp: int | None):

@@ -116,8 +116,21 @@ def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     check_environment(cfg, plan_cpu_processes(cfg) if trains_on_cpu(cfg) else 1)
     run_dir = cfg.resolved_run_dir
     check_same_model(cfg, run_dir)
+    _check_init_from(cfg, run_dir)
     with acquire_run_lock(run_dir, share_with_children=True):
         return _run_locked(cfg, argv, run_dir)
+
+
+def _check_init_from(cfg: RunConfig, run_dir: Path) -> None:
+    """A bad train.init_from fails here, before workers start (sizes only: train() verifies
+    checksums when it loads)."""
+    from hybrid_megatron.checkpoint.layout import resolve_checkpoint
+    from hybrid_megatron.training.run_dir import check_init_weights, has_checkpoint
+
+    if cfg.train.init_from and not (
+        cfg.checkpoint.resume and has_checkpoint(run_dir / "checkpoints")
+    ):
+        check_init_weights(cfg, resolve_checkpoint(cfg.train.init_from, verify_checksums=False))
 
 
 def _run_locked(cfg: RunConfig, argv: Sequence[str], run_dir: Path) -> int:

@@ -45,6 +45,38 @@ def check_checkpoint_model(cfg: RunConfig, info: CheckpointInfo) -> None:
         )
 
 
+# model keys that fix the shapes of the weights (init_from may change everything else,
+# e.g. seq_length and rope bases for a long-context extension)
+_WEIGHT_KEYS = ("pattern", "hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "ffn_hidden_size", "activation", "vocab_size", "num_moe_experts",
+                "tie_embeddings", "make_vocab_size_divisible_by", "mamba")  # fmt: skip
+_MAMBA_WEIGHT_KEYS = ("state_dim", "head_dim", "num_groups", "expand", "conv_kernel", "num_heads")
+
+
+def _weight_shapes(model: dict) -> dict:
+    shapes = {k: model.get(k) for k in _WEIGHT_KEYS}
+    shapes["mamba"] = {k: (model.get("mamba") or {}).get(k) for k in _MAMBA_WEIGHT_KEYS}
+    return shapes
+
+
+def check_init_weights(cfg: RunConfig, info: CheckpointInfo) -> None:
+    """train.init_from must hold weights of the same shapes as this run's model."""
+    saved = info.path / RUN_CONFIG_FILE
+    try:
+        old = _weight_shapes((yaml.safe_load(saved.read_text()) or {}).get("model", {}))
+    except (OSError, yaml.YAMLError):
+        return
+    new = _weight_shapes(to_dict(cfg)["model"])
+    diffs = [k for k in _WEIGHT_KEYS if old[k] != new[k]]
+    if diffs:
+        changed = ", ".join(f"model.{k} ({old[k]} there, {new[k]} here)" for k in diffs)
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from}: checkpoint {info.path} holds a model with "
+            f"other weight shapes: {changed}. Initialise from a checkpoint of the same "
+            "architecture (only seq_length, rope and window settings may change)."
+        )
+
+
 def check_same_model(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume (or report as finished) a run dir whose saved model differs: its
     config.yaml, or the run config recorded in the checkpoint a resume would load."""

@@ -8,6 +8,7 @@ Lustre / GPFS filesystems Slurm clusters share), holding who owns it: host, pid,
 - its holder ran on this host and that process is gone (pid dead or reused), or
 - it belongs to an earlier incarnation of this job (same Slurm job / torchrun run id on
   another host: a requeued or restarted job), or
+- its holder's Slurm job is no longer running (`squeue`), or
 - its heartbeat is older than `STALE_AFTER_S` (a holder on a host that died).
 
 The ranks of one job share the lock: rank 0 acquires it before any rank writes (the others
@@ -22,7 +23,9 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -92,6 +95,20 @@ def _read_holder(path: Path) -> Holder | None:
         return Holder("?", -1, None, "?", "")
 
 
+def _slurm_job_ended(job_id: str) -> bool:
+    """True when Slurm says the job is not running (False when it cannot tell)."""
+    if not shutil.which("squeue"):
+        return False
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                              text=True, timeout=20)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if proc.returncode != 0:
+        return "Invalid job id" in proc.stderr  # no longer known to the controller
+    return proc.stdout.strip() not in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING")
+
+
 def stale_reason(holder: Holder, age_s: float) -> str | None:
     """Why the job in a lock file no longer holds the run dir, or None while it may."""
     here = socket.gethostname()
@@ -99,6 +116,10 @@ def stale_reason(holder: Holder, age_s: float) -> str | None:
         return f"its process {holder.pid} on this host is gone"
     if holder.job_id and holder.job_id == _job_id() and holder.host != here:
         return "it belongs to an earlier run of this job on another host (requeued/restarted)"
+    if holder.job_id and holder.job_id.startswith("slurm:") and holder.host != here:
+        slurm_id = holder.job_id.split(":", 1)[1]
+        if _slurm_job_ended(slurm_id):
+            return f"its Slurm job {slurm_id} is no longer running"
     if age_s > STALE_AFTER_S:
         return f"its heartbeat stopped {age_s:.0f} s ago"
     return None

@@ -45,6 +45,7 @@ from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.preflight import check_environment
 from hybrid_megatron.training.run_dir import (
     check_checkpoint_model,
+    check_init_weights,
     check_same_model,
     check_steps_not_below,
     has_checkpoint,
@@ -214,6 +215,7 @@ def train(cfg: RunConfig) -> TrainResult:
     init_info = None
     if t.init_from and not (cfg.checkpoint.resume and has_checkpoint(ckpt_root)):
         init_info = resolve_checkpoint(t.init_from, cfg.checkpoint.checksums)
+        check_init_weights(cfg, init_info)
     # Handlers first: a stop signal during start-up is honoured at the first step boundary.
     stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
     try:
