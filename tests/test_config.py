@@ -330,12 +330,7 @@ INVALID = {
     ),
     "mamba-heads-not-divisible-by-tp": (
         {"model.mamba.num_heads": 6, "parallel.tensor": 4},
-        r"Mamba heads \(6\) are not divisible by parallel\.tensor \* parallel\.context = 4",
-        None,
-    ),
-    "mamba-heads-not-divisible-by-tp-cp": (
-        {"parallel.tensor": 2, "parallel.context": 8},  # 8 mamba heads, tp*cp = 16
-        r"Mamba heads \(8\) are not divisible by parallel\.tensor \* parallel\.context = 16",
+        r"Mamba heads \(6\) are not divisible by parallel\.tensor=4; tensor parallelism",
         None,
     ),
     "window-zero": ({"model.swa.window": 0}, r"model\.swa\.window must be a positive.*got 0", None),
@@ -479,8 +474,29 @@ INVALID = {
     ),
     "seq-not-divisible-by-2cp": (
         {"model.seq_length": 100, "parallel.context": 4, "model.mamba.num_heads": 4},
-        r"seq_length=100 must be divisible by 2 \* parallel\.context = 8",
+        r"seq_length=100 must be divisible by 2 \* parallel\.context = 8 .*model\.seq_length=96",
         None,
+    ),
+    "seq-shorter-than-2cp-chunks": (
+        {"model.seq_length": 4, "parallel.context": 4},
+        r"seq_length=4 must be divisible by 2 \* parallel\.context = 8 .*model\.seq_length=8",
+        None,
+    ),
+    "sequence-parallel-seq-not-divisible-by-tp-cp": (
+        {
+            "model.seq_length": 100,
+            "parallel.tensor": 4,
+            "parallel.context": 2,
+            "parallel.sequence_parallel": True,
+            "model.mamba.num_groups": 4,
+        },
+        r"seq_length=100 must be divisible by tensor\*context=8 with sequence parallelism",
+        None,
+    ),
+    "world-size-smaller-than-cp": (
+        {"parallel.context": 2},
+        r"world size 1 is not divisible by tensor\*pipeline\*context = 2; launch a multiple of 2",
+        1,
     ),
     "zero-tensor": ({"parallel.tensor": 0}, r"parallel\.tensor must be a positive number", None),
     "zero-virtual-pipeline": (
@@ -508,6 +524,15 @@ def test_valid_world_sizes():
     make_cfg(tp2, world_size=8)
     make_cfg({**tp2, "parallel.pipeline": 2, "parallel.context": 2}, world_size=16)
     make_cfg({"parallel.pipeline": 3, "model.pattern": "M-S-*-"}, world_size=3)
+
+
+def test_context_parallel_does_not_split_mamba_heads():
+    """CP passes Mamba states between ranks: 8 heads serve TP=2 x CP=8 (Megatron-Core's
+    all-to-all scheme would need heads divisible by 16)."""
+    cfg = make_cfg(
+        {"parallel.tensor": 2, "parallel.context": 8, "model.mamba.num_groups": 2}, world_size=16
+    )
+    assert cfg.model.mamba_num_heads == 8
 
 
 def test_config_error_is_value_error():

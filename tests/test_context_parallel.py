@@ -103,15 +103,9 @@ def _attention_case(seq: int, window: int | None, backend: str) -> dict:
         out, grads = _grads(
             lambda *t: context_parallel_attention(*t, window, group, local), shards[:3], shards[3]
         )
-    err = max(
-        (out - shard_sequence(ref, 2, rank, cp)).abs().max().item(),
-        *((a - shard_sequence(b, 2, rank, cp)).abs().max().item() for a, b in zip(grads, ref_grads)),
-    )
+    pairs = [(out, ref), *zip(grads, ref_grads)]
+    err = max((a - shard_sequence(b, 2, rank, cp)).abs().max().item() for a, b in pairs)
     return {"err": err, "sent": dict(sent)}
-
-
-def _attention_cases(cases) -> list:
-    return [_attention_case(*case) for case in cases]
 
 
 ATTENTION_CASES = [
@@ -125,33 +119,40 @@ ATTENTION_CASES = [
 
 
 @pytest.fixture(scope="module")
-def attention_cp2():
-    return run_distributed(_attention_cases, 2, ATTENTION_CASES)
+def cp2():
+    return run_distributed(_cases, 2, ATTENTION_CASES, MAMBA_CASES[2])
+
+
+@pytest.fixture(scope="module")
+def cp4():
+    return run_distributed(_cases, 4, ATTENTION_CASES_CP4, MAMBA_CASES[4])
 
 
 @pytest.mark.parametrize("index", range(len(ATTENTION_CASES)))
-def test_attention_cp2_exact(attention_cp2, index):
-    for rank in attention_cp2:
-        assert rank[index]["err"] < 1e-10, ATTENTION_CASES[index]
+def test_attention_cp2_exact(cp2, index):
+    for attention, _ in cp2:
+        assert attention[index]["err"] < 1e-10, ATTENTION_CASES[index]
 
 
-def test_swa_halo_sends_the_window_not_the_sequence(attention_cp2):
+def test_swa_halo_sends_the_window_not_the_sequence(cp2):
     row = B * HKV * D * 2  # K and V rows of one token
-    short, long_ = attention_cp2[0][1]["sent"], attention_cp2[0][4]["sent"]
-    for rank in attention_cp2:
+    short, long_ = cp2[0][0][1]["sent"], cp2[0][0][4]["sent"]
+    for rank, _ in cp2:
         # CP=2, W-1 < chunk: rank 0 sends chunk 0's last W-1 rows to rank 1 (for chunk 1), rank
         # 1 sends chunk 2's to rank 0 (for chunk 3); chunk 2's halo (chunk 1) is local.
         for case in (1, 4):
             assert rank[case]["sent"] == {"swa.forward": 4 * row, "swa.backward": 4 * row}
     assert short == long_
-    full = attention_cp2[0][0]["sent"]["attention.forward"]
+    full = cp2[0][0][0]["sent"]["attention.forward"]
     assert full == 48 // 2 * row  # all-gather: (cp-1) x local K/V
 
 
-def test_attention_cp4_exact():
-    cases = [(64, None, "sdpa"), (64, 3, "sdpa"), (64, 21, "sdpa")]  # chunk 8; halo 20 spans 3
-    for rank in run_distributed(_attention_cases, 4, cases):
-        for case, result in zip(cases, rank):
+ATTENTION_CASES_CP4 = [(64, None, "sdpa"), (64, 3, "sdpa"), (64, 21, "sdpa")]  # halo 20: 3 chunks
+
+
+def test_attention_cp4_exact(cp4):
+    for attention, _ in cp4:
+        for case, result in zip(ATTENTION_CASES_CP4, attention):
             assert result["err"] < 1e-10, case
 
 
@@ -202,15 +203,19 @@ def _mamba_case(seq: int, width: int) -> dict:
     return {"err": max(errs), "sent": dict(sent)}
 
 
-def _mamba_cases(cases) -> list:
-    return [_mamba_case(*case) for case in cases]
+def _cases(attention_cases, mamba_cases) -> tuple[list, list]:
+    """One process group per world size for all cases (spawning costs more than the cases)."""
+    return [_attention_case(*c) for c in attention_cases], [_mamba_case(*c) for c in mamba_cases]
+
+
+# (seq, conv width): seq 16 at CP=4 gives 2-token chunks, so the 3-row conv halo spans 2.
+MAMBA_CASES = {cp: [(8 * cp, 4), (16 * cp, 4)] for cp in (2, 4)}
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-def test_mamba_state_passing_and_conv_halo_exact(cp):
-    # (seq, conv width): 16 at CP=4 gives 2-token chunks, so the 3-row conv halo spans 2.
-    cases = [(8 * cp, 4), (16 * cp, 4)]
-    results = run_distributed(_mamba_cases, cp, cases)
+def test_mamba_state_passing_and_conv_halo_exact(cp, request):
+    results = [mamba for _, mamba in request.getfixturevalue(f"cp{cp}")]
+    cases = MAMBA_CASES[cp]
     state = B * 4 * (3 * 5 + 1)  # b x heads x (head_dim x state + log decay)
     for rank in results:
         for case, result in zip(cases, rank):

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hybrid_megatron.context_parallel.layout import (
+    HaloTransfer,
     chunk_owner,
     halo_length,
     halo_plan,
@@ -104,8 +105,26 @@ def _p2p(
     return received
 
 
-def _rows(xs: Tensor, local: int, chunk_len: int, start: int, end: int) -> Tensor:
-    return xs[local * chunk_len + start : local * chunk_len + end]
+def _rows(xs: Tensor, local: int, chunk_len: int, t: HaloTransfer) -> Tensor:
+    """The source rows of transfer `t` inside a [2c, ...] tensor of local chunks."""
+    return xs[local * chunk_len + t.start : local * chunk_len + t.end]
+
+
+def _owners(t: HaloTransfer, cp: int) -> tuple[int, int, int, int]:
+    """(source rank, source local chunk, destination rank, destination local chunk)."""
+    return (*chunk_owner(t.src_chunk, cp), *chunk_owner(t.dst_chunk, cp))
+
+
+def _exchange(
+    outgoing: dict[int, list[Tensor]], incoming: dict[int, list[HaloTransfer]], like: Tensor, group
+) -> tuple[dict[int, list[Tensor]], int]:
+    """One message per peer each way: (received rows split per transfer, elements sent)."""
+    payload = {peer: torch.cat(parts).contiguous() for peer, parts in outgoing.items()}
+    shapes = {p: (sum(t.rows for t in ts), *like.shape[1:]) for p, ts in incoming.items()}
+    received = _p2p(payload, shapes, like, group)
+    return {
+        peer: list(received[peer].split([t.rows for t in ts])) for peer, ts in incoming.items()
+    }, sum(t.numel() for t in payload.values())
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -114,72 +133,62 @@ class _HaloExchange(torch.autograd.Function):
         cp, me = group.size(), group.rank()
         xs = x.movedim(dim, 0)
         c = xs.shape[0] // 2
-        plan = halo_plan(cp, c, halo)
         ctx.dim, ctx.halo, ctx.group, ctx.tag, ctx.c = dim, halo, group, tag, c
-        mine = rank_chunks(me, cp)
-        halos = [xs.new_zeros((halo_length(k, c, halo), *xs.shape[1:])) for k in mine]
-        sends: dict[int, list[Tensor]] = defaultdict(list)
-        recvs: dict[int, list] = defaultdict(list)
-        for t in plan:
-            (src, src_local), (dst, dst_local) = chunk_owner(t.src_chunk, cp), chunk_owner(t.dst_chunk, cp)
+        halos = [
+            xs.new_zeros((halo_length(k, c, halo), *xs.shape[1:])) for k in rank_chunks(me, cp)
+        ]
+        outgoing: dict[int, list[Tensor]] = defaultdict(list)
+        incoming: dict[int, list[HaloTransfer]] = defaultdict(list)
+        for t in halo_plan(cp, c, halo):
+            src, src_local, dst, dst_local = _owners(t, cp)
             if src == me and dst == me:
-                halos[dst_local][t.dst_offset : t.dst_offset + t.rows] = _rows(xs, src_local, c, t.start, t.end)
+                halos[dst_local][t.dst_offset : t.dst_offset + t.rows] = _rows(xs, src_local, c, t)
             elif src == me:
-                sends[dst].append(_rows(xs, src_local, c, t.start, t.end))
+                outgoing[dst].append(_rows(xs, src_local, c, t))
             elif dst == me:
-                recvs[src].append(t)
-        payload = {p: torch.cat(parts).contiguous() for p, parts in sends.items()}
-        shapes = {p: (sum(t.rows for t in ts), *xs.shape[1:]) for p, ts in recvs.items()}
-        _count(tag, "forward", sum(t.numel() for t in payload.values()))
-        received = _p2p(payload, shapes, xs, group)
-        for p, ts in recvs.items():
-            row = 0
-            for t in ts:
-                local = chunk_owner(t.dst_chunk, cp)[1]
-                halos[local][t.dst_offset : t.dst_offset + t.rows] = received[p][row : row + t.rows]
-                row += t.rows
+                incoming[src].append(t)
+        received, sent = _exchange(outgoing, incoming, xs, group)
+        _count(tag, "forward", sent)
+        for peer, ts in incoming.items():
+            for t, rows in zip(ts, received[peer]):
+                halos[_owners(t, cp)[3]][t.dst_offset : t.dst_offset + t.rows] = rows
         ctx.halo_rows = [h.shape[0] for h in halos]
-        chunks = xs.chunk(2)
-        return tuple(torch.cat([h, ch]).movedim(0, dim) for h, ch in zip(halos, chunks))
+        return tuple(torch.cat([h, ch]).movedim(0, dim) for h, ch in zip(halos, xs.chunk(2)))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         group, c = ctx.group, ctx.c
         cp, me = group.size(), group.rank()
-        gs = []
-        for g, rows in zip(grads, ctx.halo_rows):
-            gs.append(g.movedim(ctx.dim, 0) if g is not None else None)
-        ref = next(g for g in gs if g is not None)
-        gs = [g if g is not None else ref.new_zeros((rows + c, *ref.shape[1:])) for g, rows in zip(gs, ctx.halo_rows)]
-        dx = torch.cat([g[rows:] for g, rows in zip(gs, ctx.halo_rows)]).clone()
-        sends: dict[int, list[Tensor]] = defaultdict(list)
-        recvs: dict[int, list] = defaultdict(list)
-        for t in halo_plan(cp, c, ctx.halo):
-            (src, src_local), (dst, dst_local) = chunk_owner(t.src_chunk, cp), chunk_owner(t.dst_chunk, cp)
-            piece = None
+        ref = next(g for g in grads if g is not None).movedim(ctx.dim, 0)
+        gs = [
+            g.movedim(ctx.dim, 0) if g is not None else ref.new_zeros((n + c, *ref.shape[1:]))
+            for g, n in zip(grads, ctx.halo_rows)
+        ]
+        dx = torch.cat([g[n:] for g, n in zip(gs, ctx.halo_rows)]).clone()
+        outgoing: dict[int, list[Tensor]] = defaultdict(list)
+        incoming: dict[int, list[HaloTransfer]] = defaultdict(list)
+        for t in halo_plan(cp, c, ctx.halo):  # every transfer in reverse: halo grad -> owner
+            src, src_local, dst, dst_local = _owners(t, cp)
             if dst == me:
                 piece = gs[dst_local][t.dst_offset : t.dst_offset + t.rows]
-            if src == me and dst == me:
-                _rows(dx, src_local, c, t.start, t.end).add_(piece)
-            elif dst == me:
-                sends[src].append(piece)
+                if src == me:
+                    _rows(dx, src_local, c, t).add_(piece)
+                else:
+                    outgoing[src].append(piece)
             elif src == me:
-                recvs[dst].append(t)
-        payload = {p: torch.cat(parts).contiguous() for p, parts in sends.items()}
-        shapes = {p: (sum(t.rows for t in ts), *dx.shape[1:]) for p, ts in recvs.items()}
-        _count(ctx.tag, "backward", sum(t.numel() for t in payload.values()))
-        received = _p2p(payload, shapes, dx, group)
-        for p, ts in recvs.items():
-            row = 0
-            for t in ts:
-                local = chunk_owner(t.src_chunk, cp)[1]
-                _rows(dx, local, c, t.start, t.end).add_(received[p][row : row + t.rows])
-                row += t.rows
+                incoming[dst].append(t)
+        received, sent = _exchange(outgoing, incoming, dx, group)
+        _count(ctx.tag, "backward", sent)
+        for peer, ts in incoming.items():
+            for t, rows in zip(ts, received[peer]):
+                _rows(dx, _owners(t, cp)[1], c, t).add_(rows)
         return dx.movedim(0, ctx.dim), None, None, None, None
 
 
-def exchange_halo(x: Tensor, dim: int, halo: int, group: Any, tag: str = "halo") -> tuple[Tensor, Tensor]:
+def exchange_halo(
+    x: Tensor, dim: int, halo: int, group: Any, tag: str = "halo"
+) -> tuple[Tensor, Tensor]:
     """For each of this rank's two chunks of `x` (along `dim`), [halo rows before it; chunk].
 
     The halo of global chunk k has min(halo, k * chunk) rows (none at the sequence start).

@@ -252,7 +252,9 @@ class HybridMambaMixer(MegatronModule):
             self.chunk_size,
         )
         if cp:
-            y = context_parallel_ssd(ssd, *args, D=self.D, dt_bias=self.dt_bias, group=self.cp_group)
+            y = context_parallel_ssd(
+                ssd, *args, D=self.D, dt_bias=self.dt_bias, group=self.cp_group
+            )
         else:
             y = ssd(*args, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self.norm(y.reshape(b, l, -1), z)

@@ -41,6 +41,7 @@ from hybrid_megatron.config import (
 from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
+from hybrid_megatron.procenv import launch_ranks
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
@@ -179,12 +180,7 @@ def evaluate(cfg: RunConfig, chunks, valid_ds, num_micro: int, device: torch.dev
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the pretraining job described by `cfg` on this rank."""
     t = cfg.train
-    if cfg.parallel.context > 1:
-        raise ConfigError(
-            "parallel.context > 1 is not supported for training yet (the local attention kernels "
-            "have no context-parallel path); use tensor/pipeline/data parallelism."
-        )
-    cfg.validate()
+    cfg.validate(world_size=launch_ranks(os.environ)[1])  # before any process group starts
     validate_data_source(cfg)
     run_dir = cfg.resolved_run_dir
     ckpt_root = run_dir / "checkpoints"
