@@ -109,6 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if (
         ps.is_pipeline_last_stage()
         and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
         and (ps.get_data_parallel_rank() == 0)
     ):
         best = min(times)
