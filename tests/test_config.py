@@ -738,8 +738,27 @@ def test_base_config_is_merged_and_cycles_are_refused(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_long_context_extension_configs_state_context_parallelism():
+    from hybrid_megatron.config import load_config
+
+    for name, seq, cp in (("extend16k", 16384, 2), ("extend32k", 32768, 4)):
+        cfg = load_config(REPO_ROOT / "configs" / "paper" / f"s4_swa128_nope_{name}.yaml")
+        assert (cfg.model.seq_length, cfg.parallel.context) == (seq, cp)
+        assert cfg.train.init_from == "runs/s4_swa128_nope"
+        cfg.validate(world_size=8)  # one 8-GPU node
+        with pytest.raises(ConfigError, match="world size 1 is not divisible"):
+            cfg.validate(world_size=1)
+
+
 @pytest.mark.parametrize(
-    "name", ["s1_full", "s4_swa128_nope", "1b_mamba2", "s4_swa128_nope_extend16k"]
+    "name",
+    [
+        "s1_full",
+        "s4_swa128_nope",
+        "1b_mamba2",
+        "s4_swa128_nope_extend16k",
+        "s4_swa128_nope_extend32k",
+    ],
 )
 def test_paper_configs_ask_for_a_tokenizer_instead_of_falling_back_to_bytes(name):
     from hybrid_megatron.config import load_config, validate_data_source
