@@ -1,9 +1,12 @@
 """Training at CP=2: stopped by SIGTERM mid-run and resumed, it reproduces an uninterrupted
-CP=2 run exactly; its checkpoint gives the same validation loss at CP=1."""
+CP=2 run exactly; the stopped run also resumes at CP=1 (model, optimizer and data position;
+same losses up to fp32 reduction order), and the final checkpoint gives the same validation
+loss at CP=1."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -17,9 +20,9 @@ from tests.test_train import SMALL, TINY, _cli, _env, _rows, _trajectory
 CP2 = ("parallel.context=2", "train.cpu_processes=2", "train.steps=6", "checkpoint.interval=3")
 
 
-def _run(run_dir: Path) -> subprocess.CompletedProcess:
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        _cli(run_dir, *CP2), env=_env(), capture_output=True, text=True, timeout=600
+        _cli(run_dir, *CP2, *extra), env=_env(), capture_output=True, text=True, timeout=600
     )
 
 
@@ -52,10 +55,21 @@ def test_cp2_sigterm_resume_is_exact_and_checkpoint_loads_at_cp1(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     stopped = len(_rows(run_dir, "train"))
     assert 2 <= stopped < 6 and "stopped at step" in out, out[-2000:]
+    at_cp1 = tmp_path / "at_cp1"
+    shutil.copytree(run_dir, at_cp1)
     resumed = _run(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert _trajectory(run_dir) == _trajectory(reference)  # bit-identical losses and data
+
+    resumed = _run(at_cp1, "parallel.context=1", "train.cpu_processes=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "cp=1" in resumed.stdout and "resumed from" in resumed.stdout
+    got, want = _trajectory(at_cp1), _trajectory(reference)
+    assert [r[0] for r in got] == list(range(1, 7))
+    assert [(r[0], r[2], r[3]) for r in got] == [(r[0], r[2], r[3]) for r in want]  # same data
+    for (_, loss, *_), (_, ref, *_) in zip(got[stopped:], want[stopped:]):
+        assert loss == pytest.approx(ref, rel=1e-4)
 
     final = reference / "checkpoints" / "iter_0000006"
     assert json.loads((final / "hm_complete.json").read_text())["layout"]["context"] == 2
