@@ -1,4 +1,5 @@
-"""CP=2 (alone, with TP=2 and with PP=2) gives the loss and gradients of CP=1.
+"""CP=2 (alone, with TP=2 + sequence parallel and with PP=2) gives the loss and gradients of
+CP=1.
 
 Two hybrids, each with Mamba-2 (2 groups), MLP, full attention and SWA:
 - RoPE full attention, SWA window 8 < chunk (seq 64 at CP=2: 16-token chunks);
@@ -48,7 +49,8 @@ def _config(model: str, tp: int = 1, pp: int = 1, cp: int = 1):
     from hybrid_megatron.config import RunConfig, from_dict
 
     spec = MODELS[model]
-    parallel = {"tensor": tp, "pipeline": pp, "context": cp}
+    # TP runs use sequence parallelism too: its gathers / scatters wrap the CP path.
+    parallel = {"tensor": tp, "pipeline": pp, "context": cp, "sequence_parallel": tp > 1}
     cfg = from_dict(RunConfig, {"model": spec, "parallel": parallel})
     if pp == 1:
         cfg.model = dataclasses.replace(cfg.model, pattern=spec["pattern"].replace("|", ""))
