@@ -169,6 +169,6 @@ def test_tp2_cp2_and_pp2_cp2_match_cp1(references):
         assert losses and all(loss == pytest.approx(ref_loss, rel=1e-5) for loss in losses)
         dirs.append(grads_dir)
     for layout, grads in zip(
-        ("tp=2 cp=2", "pp=2 cp=2"), run_distributed(_load_flat, 1, name, dirs)[0]
+        ("tp=2 sp cp=2", "pp=2 cp=2"), run_distributed(_load_flat, 1, name, dirs)[0]
     ):
         _compare(grads, ref_grads, layout)
