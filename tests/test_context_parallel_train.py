@@ -76,3 +76,20 @@ def test_cp2_sigterm_resume_is_exact_and_checkpoint_loads_at_cp1(tmp_path):
     valid = {r["step"]: r["loss"] for r in _rows(reference, "valid")}
     (cp1,) = run_distributed(_validation_rank, 1, str(tmp_path / "cp1"), str(final))
     assert cp1 == pytest.approx(valid[6], rel=1e-5, abs=1e-6)
+
+
+def test_train_refuses_cp_without_its_processes(monkeypatch, tmp_path):
+    """A one-process train at CP=2 is a config error before any process group starts."""
+    import torch.distributed as dist
+
+    from hybrid_megatron.config import load_config
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.training.trainer import train
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(TINY, [*SMALL, "parallel.context=2", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"world size 1 is not divisible by .*context = 2"):
+        train(cfg)
+    assert not dist.is_initialized()
+    assert not (tmp_path / "run").exists()
