@@ -1,5 +1,5 @@
-"""CP=2 (alone, with TP=2 + sequence parallel and with PP=2) gives the loss and gradients of
-CP=1.
+"""CP=2 (alone, with TP=2 + sequence parallel, with PP=2 and with DP=2) gives the loss and
+gradients of CP=1.
 
 Two hybrids, each with Mamba-2 (2 groups), MLP, full attention and SWA:
 - RoPE full attention, SWA window 8 < chunk (seq 64 at CP=2: 16-token chunks);
@@ -13,6 +13,7 @@ Tolerance (fp32 on CPU): loss 1e-5 relative, gradients 1e-5 relative to the larg
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ MODELS = {
 }
 
 
-def _config(model: str, tp: int = 1, pp: int = 1, cp: int = 1):
+def _config(model: str, tp: int = 1, pp: int = 1, cp: int = 1, world: int | None = None):
     from hybrid_megatron.config import RunConfig, from_dict
 
     spec = MODELS[model]
@@ -54,7 +55,7 @@ def _config(model: str, tp: int = 1, pp: int = 1, cp: int = 1):
     cfg = from_dict(RunConfig, {"model": spec, "parallel": parallel})
     if pp == 1:
         cfg.model = dataclasses.replace(cfg.model, pattern=spec["pattern"].replace("|", ""))
-    cfg.validate(world_size=tp * pp * cp)
+    cfg.validate(world_size=world or tp * pp * cp)
     return cfg
 
 
@@ -91,7 +92,7 @@ def _train_step(model_name: str, tp: int, pp: int, cp: int, init_dir: str, grads
     from hybrid_megatron.model.build import build_model
     from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
 
-    cfg = _config(model_name, tp, pp, cp)
+    cfg = _config(model_name, tp, pp, cp, world=int(os.environ["WORLD_SIZE"]))
     distributed.initialize(cfg.parallel, seed=1234)
     model = build_model(
         cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
@@ -172,3 +173,14 @@ def test_tp2_cp2_and_pp2_cp2_match_cp1(references):
         ("tp=2 sp cp=2", "pp=2 cp=2"), run_distributed(_load_flat, 1, name, dirs)[0]
     ):
         _compare(grads, ref_grads, layout)
+
+
+def test_dp2_cp2_averages_gradients_over_data_and_context_ranks(references):
+    """4 processes, DP=2 x CP=2, both replicas on the same batches: Megatron's DDP averages
+    over the data x context group; the CP loss scaling must make that the CP=1 gradient."""
+    _, refs = references
+    name = "rope_small_window"
+    init, ref_loss, ref_grads = refs[name]
+    for loss, grads in run_distributed(_train_step, 4, name, 1, 1, 2, init, None):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        _compare(grads, ref_grads, "dp=2 cp=2")
