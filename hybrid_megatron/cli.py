@@ -8,9 +8,14 @@ import sys
 import time
 
 from hybrid_megatron import procenv
-from hybrid_megatron.commands import convert, data, launch, plot
+from hybrid_megatron.commands import analyze, convert, data, launch, plot
 from hybrid_megatron.commands import eval as eval_commands
-from hybrid_megatron.errors import BackendUnavailableError, ConfigError, GenerationCheckError
+from hybrid_megatron.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DiskFullError,
+    GenerationCheckError,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -177,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     # Each group registers its subcommands; handlers import what they need when they run, so
     # `--help` and argument errors stay fast (no torch / transformers / Megatron import).
-    for group in (plot, data, convert, eval_commands, launch):
+    for group in (plot, data, convert, eval_commands, launch, analyze):
         group.add_subcommands(sub)
     return parser
 
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except GenerationCheckError as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
-    except FloatingPointError as e:
+    except (FloatingPointError, DiskFullError) as e:
         print(f"hybrid-megatron: {e}", file=sys.stderr)
         return 3
 

@@ -11,3 +11,7 @@ class BackendUnavailableError(RuntimeError):
 
 class GenerationCheckError(RuntimeError):
     """Cached decoding disagrees with decoding by full forwards: every answer would be wrong."""
+
+
+class DiskFullError(RuntimeError):
+    """A write failed for lack of disk space; the message says what was kept and what is needed."""

@@ -14,7 +14,7 @@ from hybrid_megatron.checkpoint.layout import (
     resolve_checkpoint,
     write_complete_marker,
 )
-from hybrid_megatron.checkpoint.training_state import apply_retention
+from hybrid_megatron.checkpoint.retention import apply_retention, resume_point
 
 
 def _fake_checkpoint(root, iteration: int, complete: bool = True):
@@ -95,3 +95,58 @@ def test_retention_deletes_only_old_complete_checkpoints(tmp_path):
     assert left == ["iter_0000003", "iter_0000004", "iter_0000005"]
     assert partial.exists()
     assert apply_retention(tmp_path / "checkpoints", keep_last=None) == []
+
+
+def _flip_byte(path) -> None:
+    data = bytearray((path / "__0_0.distcp").read_bytes())
+    data[1000] ^= 0xFF
+    (path / "__0_0.distcp").write_bytes(bytes(data))
+
+
+def _names(root) -> list[str]:
+    return sorted(p.name for p in (root / "checkpoints").iterdir())
+
+
+def test_retention_counts_only_checkpoints_that_verify(tmp_path):
+    """Issue 14.1: a corrupt newer checkpoint must not count towards keep_last (it used to,
+    and the good older one was deleted)."""
+    ckpts = tmp_path / "checkpoints"
+    good = _fake_checkpoint(tmp_path, 10)
+    _flip_byte(_fake_checkpoint(tmp_path, 20))
+    _flip_byte(_fake_checkpoint(tmp_path, 30))
+    removed = apply_retention(ckpts, keep_last=1)
+    assert removed == [] and good.is_dir()
+    names = _names(tmp_path)
+    assert "iter_0000010" in names and "iter_0000020" not in names and "iter_0000030" not in names
+    assert any(n.startswith("iter_0000020.corrupt-") for n in names), names
+    assert any(n.startswith("iter_0000030.corrupt-") for n in names), names
+
+
+def test_retention_never_deletes_protected_checkpoints(tmp_path):
+    """The checkpoint a run resumed from and the one it just wrote survive keep_last=1."""
+    ckpts = tmp_path / "checkpoints"
+    old, resumed, written = (_fake_checkpoint(tmp_path, i) for i in (5, 10, 15))
+    removed = apply_retention(ckpts, keep_last=1, protect=[written, resumed])
+    assert removed == [old]
+    assert resumed.is_dir() and written.is_dir()
+
+
+def test_resume_point_sets_unusable_newer_checkpoints_aside(tmp_path, capsys):
+    """Issue 14.2: corrupt and partial checkpoints newer than the resume point are renamed
+    (never deleted), with a warning naming them, and the "latest" pointer follows."""
+    ckpts = tmp_path / "checkpoints"
+    good = _fake_checkpoint(tmp_path, 10)
+    corrupt = _fake_checkpoint(tmp_path, 20)
+    _flip_byte(corrupt)
+    partial = _fake_checkpoint(tmp_path, 30, complete=False)
+    (ckpts / "latest_checkpointed_iteration.txt").write_text("20\n")
+    info = resume_point(ckpts, verify_checksums=True)
+    assert info.path == good
+    names = _names(tmp_path)
+    assert [n for n in names if n.startswith("iter_0000020.corrupt-")]
+    assert [n for n in names if n.startswith("iter_0000030.partial-")]
+    assert not corrupt.exists() and not partial.exists()
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "10\n"
+    err = capsys.readouterr().err
+    assert str(corrupt) in err and "CRC32" in err and "Moved it aside" in err
+    assert str(partial) in err and "partial checkpoint" in err

@@ -509,6 +509,48 @@ INVALID = {
         r"model\.num_attention_heads must be a positive number",
         None,
     ),
+    # issue 14.8: these used to reach torch / numpy / Megatron unchecked
+    "nan-lr": ({"optimizer.lr": float("nan")}, r"optimizer\.lr must be a finite number", None),
+    "negative-lr": ({"optimizer.lr": -1e-3}, r"optimizer\.lr=-0\.001", None),
+    "beta1-one": ({"optimizer.beta1": 1.0}, r"optimizer\.beta1=1\.0 .* must lie in \[0, 1\)", None),
+    "beta2-negative": ({"optimizer.beta2": -0.1}, r"beta2=-0\.1 must lie in \[0, 1\)", None),
+    "negative-weight-decay": (
+        {"optimizer.weight_decay": -0.1},
+        r"optimizer\.weight_decay must be >= 0",
+        None,
+    ),
+    "vocab-divisible-by-zero": (
+        {"model.make_vocab_size_divisible_by": 0},
+        r"model\.make_vocab_size_divisible_by must be a positive number",
+        None,
+    ),
+    "negative-seed": ({"train.seed": -1}, r"train\.seed must be in \[0, 2\*\*32\)", None),
+    "zero-norm-epsilon": (
+        {"model.norm_epsilon": 0.0},
+        r"model\.norm_epsilon must be a positive number",
+        None,
+    ),
+    # issue 14.7: after_training used to be checked only once training had finished
+    "unknown-eval-task": (
+        {"after_training.eval_tasks": ["nope"]},
+        r"after_training\.eval_tasks: unknown task 'nope'",
+        None,
+    ),
+    "eval-tasks-without-lengths": (
+        {"after_training.eval_tasks": ["passkey"]},
+        r"after_training\.eval_lengths is empty",
+        None,
+    ),
+    "negative-eval-length": (
+        {"after_training.eval_tasks": ["passkey"], "after_training.eval_lengths": [-5]},
+        r"eval_lengths must be positive token counts, got -5",
+        None,
+    ),
+    "zero-eval-samples": (
+        {"after_training.eval_samples": 0},
+        r"after_training\.eval_samples must be a positive number",
+        None,
+    ),
 }
 
 

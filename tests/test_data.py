@@ -550,6 +550,36 @@ def test_corrupt_idx(copy_of_a, damage):
         _build(copy_of_a)
 
 
+def _idx_tables(idx: Path) -> tuple[int, int, int]:
+    """(sequence count, byte offset of the pointer table, of the document index)."""
+    n = struct.unpack("<Q", idx.read_bytes()[18:26])[0]
+    return n, 34 + 4 * n, 34 + 12 * n
+
+
+@pytest.mark.parametrize("damage", ["shifted", "wild", "documents"])
+def test_corrupt_pointer_tables_are_named_before_training(copy_of_a, damage):
+    """A shifted pointer trained silently on wrong tokens and a wild one crashed at the first
+    batch with a numpy traceback (issue 14, item 11)."""
+    idx = Path(f"{copy_of_a}.idx")
+    data = bytearray(idx.read_bytes())
+    n, pointers, documents = _idx_tables(idx)
+    assert n > 3
+    at = pointers + 8 * 2  # pointer of sequence 2
+    value = struct.unpack_from("<q", data, at)[0]
+    if damage == "shifted":  # still inside the .bin, still monotone
+        struct.pack_into("<q", data, at, value + 2)
+        match = r"sequence pointer 2 is \d+ but sequence 1 ends at byte"
+    elif damage == "wild":
+        struct.pack_into("<q", data, at, value ^ (1 << 40))
+        match = r"sequence pointer 2 is"
+    else:  # the document index goes back
+        struct.pack_into("<q", data, documents + 8 * 2, 0)
+        match = r"document index entry 2 \(0\) is below the one before it"
+    idx.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"index file .*a\.idx is corrupt .*{match}.*preprocess"):
+        _build(copy_of_a)
+
+
 def test_vocab_bigger_than_model(copy_of_a):
     # The tokenizer alone does not fit the model.
     with pytest.raises(DataError, match=r"vocab mismatch.*258.*200"):
@@ -657,3 +687,33 @@ def test_train_tokenizer_cli_bpe_round_trip(tmp_path, capsys):
     assert cli_main([*args[:4], "100", "--output", str(tmp_path / "small")]) == 2
     assert re.search(r"vocab_size=100 is too small.*>= 258", capsys.readouterr().err)
     assert not (tmp_path / "small").exists()
+
+
+def test_train_tokenizer_reports_the_size_it_wrote(tmp_path, capsys):
+    """On a small corpus BPE stops below the requested size; the message claimed the
+    requested size (issue 14, item 12)."""
+    from hybrid_megatron.cli import main as cli_main
+
+    corpus = _write_jsonl(tmp_path / "small.jsonl", ["the pass key is 12345", "hello world"] * 3)
+    out = tmp_path / "tok"
+    args = ["train-tokenizer", "--input", str(corpus), "--vocab-size", "2000"]
+    assert cli_main([*args, "--output", str(out)]) == 0
+    written = build_tokenizer(str(out)).vocab_size
+    assert 258 <= written < 2000
+    err = capsys.readouterr().err
+    assert f"wrote a {written}-token byte-level BPE tokenizer" in err and "2000 requested" in err
+
+
+def test_non_utf8_input_names_its_line(tmp_path):
+    """The error named the line where decoding of a buffered block started (line 1 here), not
+    the line holding the bad bytes (issue 14, item 12)."""
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(200)]
+    lines[150] = b'{"text": "caf\xe9"}'  # Latin-1, not UTF-8
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:151: not valid UTF-8 at byte 14 "):
+        preprocess([bad], tmp_path / "x", log=None)
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes(b"first line\nsecond\nthird caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin1\.txt:3: not valid UTF-8 at byte 10 "):
+        preprocess([txt], tmp_path / "y", log=None)

@@ -303,6 +303,53 @@ def test_restart_with_other_settings_is_refused(hf_dir, tmp_path):
     assert _tree_digest(out) == before
 
 
+def test_rows_are_keyed_by_model_identity_and_prediction_settings(hf_dir, tmp_path):
+    """Another model in a folder of the same name reused the first one's rows ("1 already
+    finished, 0 to run"); dtype/batch size/versions were not recorded; a corrupt settings file
+    was silently replaced (issue 14, item 5)."""
+    import shutil
+
+    import transformers
+
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.eval.runner import run_eval
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(hf_dir, first)
+    shutil.copytree(hf_dir, second)
+    out = tmp_path / "eval"
+    kw = dict(tasks=["passkey"], lengths=[256], num_samples=1)
+    run_eval(_settings(out, [str(first)], **kw))
+    rows = _rows(out)
+    assert {r["model"] for r in rows} == {"model"} and len({r["model_id"] for r in rows}) == 1
+    recorded = json.loads((out / "eval_config.json").read_text())
+    assert recorded["dtype"] == "float32" and recorded["device"] == "cpu"
+    assert recorded["batch_size"] == 1 and recorded["transformers"] == transformers.__version__
+    before = _tree_digest(out)
+    with pytest.raises(ConfigError, match="different model named 'model'"):
+        run_eval(_settings(out, [str(second)], **kw))
+    with pytest.raises(ConfigError, match="batch_size: 1 -> 2"):
+        run_eval(_settings(out, [str(first)], batch_size=2, **kw))
+    (out / "eval_config.json").write_text('{"seed": 4')  # cut off
+    with pytest.raises(ConfigError, match="eval_config.json is unreadable"):
+        run_eval(_settings(out, [str(first)], **kw))
+    assert (out / "eval_config.json").read_text() == '{"seed": 4'
+    (out / "eval_config.json").unlink()
+    with pytest.raises(ConfigError, match="no eval_config.json"):
+        run_eval(_settings(out, [str(first)], **kw))
+    del before["eval_config.json"]
+    assert _tree_digest(out) == before
+    # The same folder rewritten with other weights is another model too.
+    from hybrid_megatron.eval.models import describe_model
+
+    old_id = describe_model(first).identity
+    weights = first / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert describe_model(first).identity != old_id
+
+
 def test_batched_generation_equals_one_by_one(hf_dir):
     from hybrid_megatron.eval.generation import greedy_generate, sorted_batches
     from hybrid_megatron.eval.models import load_eval_model
@@ -449,6 +496,55 @@ def test_model_resolution_and_shards(hf_dir, tmp_path):
     assert shard_from_env(slurm | {"SLURM_STEP_ID": "0"}) == Shard(2, 3, 0)  # under srun
     assert shard_from_env(slurm) == Shard(0, 1, 0)  # a batch script itself is one process
     assert take(list(range(7)), Shard(1, 3)) == [1, 4]
+
+
+def test_run_dir_model_is_the_newest_intact_checkpoint(tmp_path, capsys):
+    """`eval --model RUN_DIR` picked a corrupt newest checkpoint (sizes only) where train and
+    convert fall back to the newest intact one (issue 14, item 10)."""
+    from hybrid_megatron.checkpoint.layout import resolve_checkpoint, write_complete_marker
+    from hybrid_megatron.eval.models import describe_model, resolve_models
+
+    run = tmp_path / "run"
+    for it in (100, 200):
+        ckpt = run / "checkpoints" / f"iter_{it:07d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "__0_0.distcp").write_bytes(bytes(range(200)))
+        write_complete_marker(ckpt, it, {}, checksums=True)
+    payload = run / "checkpoints" / "iter_0000200" / "__0_0.distcp"
+    data = bytearray(payload.read_bytes())
+    data[7] ^= 1  # one flipped bit, same size
+    payload.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert describe_model(run).iteration == 100
+    assert describe_model(run / "checkpoints").iteration == 100
+    assert resolve_checkpoint(run).iteration == 100  # what convert and train pick
+    err = capsys.readouterr().err
+    assert "Skipping checkpoint" in err and "iter_0000200" in err and "CRC32" in err
+    # --all-checkpoints skips a damaged one with a warning instead of failing the sweep.
+    with open(payload, "r+b") as f:
+        f.truncate(100)
+    assert [s.iteration for s in resolve_models([], [str(run)])] == [100]
+    assert "has 100 bytes, expected 200" in capsys.readouterr().err
+
+
+def test_output_inside_a_model_being_evaluated_is_refused(hf_dir, tmp_path):
+    """Results written into a run's checkpoints dir (or a model dir) went with it when
+    checkpoints were pruned or the model was converted again (issue 14, item 4)."""
+    from hybrid_megatron.errors import ConfigError
+    from hybrid_megatron.eval.runner import run_eval
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 100)
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    for models, out in [
+        ([str(run)], run / "checkpoints"),
+        ([str(run)], run / "checkpoints" / "iter_0000100" / "eval"),
+        ([str(run)], tmp_path / "link" / "eval"),
+        ([str(hf_dir)], hf_dir / "eval"),
+    ]:
+        with pytest.raises(ConfigError, match="Write them to a separate directory"):
+            run_eval(_settings(out, models))
+        assert not (out / "samples").exists() and not (out / "eval_config.json").exists()
 
 
 def test_cli_parses_sweeps(tmp_path):

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -153,6 +154,30 @@ def _convert_round_trip(root: str):
         finally:
             wm._split_qkv = good
         out["broken_written"] = (root / "broken").exists()
+
+        # The disk fills up while the weights are written: said so, the old output is kept.
+        import errno
+
+        import transformers.modeling_utils as modeling_utils
+
+        def tree() -> dict:
+            return {p.name: p.read_bytes() for p in (root / "hf").iterdir()}
+
+        def full_disk(tensors, filename, metadata=None):
+            Path(filename).write_bytes(b"part of a shard")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+        before, save = tree(), modeling_utils.safe_save_file
+        modeling_utils.safe_save_file = full_disk
+        try:
+            megatron_to_hf(root / "run", root / "hf", dtype="fp32", overwrite=True)
+            out["disk_full"] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test checks the type and the message
+            out["disk_full"] = f"{type(e).__name__}: {e}"
+        finally:
+            modeling_utils.safe_save_file = save
+        out["disk_full_kept"] = tree() == before
+        out["disk_full_leftovers"] = [p.name for p in root.iterdir() if p.name.startswith(".")]
     return out
 
 
@@ -223,6 +248,17 @@ def test_round_trip_is_bit_exact_and_verified(converted):
     )
     assert run_config["model"] == source_config["model"]
     assert run_config["parallel"] == source_config["parallel"]
+
+
+def test_disk_full_during_conversion_says_so(converted):
+    """A full disk (ENOSPC while writing the weights) gave a bare OSError saying nothing about
+    what was kept or how much space was needed (issue 14, item 12)."""
+    _, _, r = converted
+    message = r["disk_full"]
+    assert message.startswith("DiskFullError: ") and "no space left on device" in message
+    assert re.search(r"about [\d.]+ (KB|MB) needed, [\d.]+ \w+ free there now", message)
+    assert "the existing" in message and "was kept unchanged" in message
+    assert r["disk_full_kept"] and r["disk_full_leftovers"] == []
 
 
 def test_newest_partial_checkpoint_is_skipped_with_a_warning(converted):
@@ -428,3 +464,126 @@ def test_cli_reports_refusals(tmp_path, existing_output):
         with pytest.raises(ConfigError):
             args.func(args)
     assert _untouched(existing_output)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_refuses_output_that_is_contains_or_lies_inside_its_source(tmp_path):
+    """`convert to-hf runs/X runs/X --overwrite` used to replace the whole run, and converting
+    an iter dir into its checkpoints/ dir deleted every checkpoint (issue 14, item 4)."""
+    from hybrid_megatron.hf import hf_to_megatron, megatron_to_hf
+    from hybrid_megatron.hf.convert import _check_separate_from_checkpoints
+    from hybrid_megatron.hf.staging import OutputOverlapsSourceError
+
+    run = tmp_path / "run"
+    ckpt = _fake_checkpoint(run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "data").mkdir()
+    (run / "data" / "train.bin").write_bytes(b"tokens")
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "hybrid_megatron"}))
+    before = _tree(tmp_path)
+    for source, output in [
+        (run, run),  # is the run dir
+        (run, tmp_path),  # contains it
+        (run, run / "data"),  # an existing non-HF dir inside the run
+        (run / "checkpoints", run / "checkpoints"),
+        (ckpt, run / "checkpoints"),  # contains the checkpoint
+        (ckpt, ckpt),
+        (ckpt, ckpt / "hf"),  # inside it
+        (ckpt, run / "checkpoints" / "iter_0000009"),  # inside the checkpoints dir
+        (run, tmp_path / "link"),  # a symlink to the checkpoints dir
+        (tmp_path / "link" / ckpt.name, run / "checkpoints" / "new"),  # source via a symlink
+        (run, tmp_path / "link" / ".."),  # `..` after a symlink: the run dir
+    ]:
+        with pytest.raises(OutputOverlapsSourceError, match="--overwrite does not lift"):
+            megatron_to_hf(source, output, overwrite=True)
+    with pytest.raises(OutputOverlapsSourceError, match="the source Hugging Face directory"):
+        hf_to_megatron(hf_dir, hf_dir, overwrite=True)
+    with pytest.raises(OutputOverlapsSourceError, match="lies inside"):
+        hf_to_megatron(hf_dir, hf_dir / "megatron", overwrite=True)
+    assert _tree(tmp_path) == before
+    # Allowed: a new dir, or an earlier HF output, beside the checkpoints in the run dir.
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    for output in (run / "hf", run / "hf2", tmp_path / "elsewhere"):
+        _check_separate_from_checkpoints(output, run, ckpt.parent)
+
+
+_KILLED_CONVERSION = """
+import os, signal, sys
+from pathlib import Path
+from hybrid_megatron.hf.staging import staged_output
+
+with staged_output(Path(sys.argv[1])) as tmp:
+    (tmp / "model-00001-of-00002.safetensors").write_bytes(b"half a shard")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_rerun_removes_staging_dirs_of_killed_conversions_only(tmp_path, capsys):
+    """A SIGKILLed `convert` left its temp dir beside the output and reruns never removed it
+    (issue 14, item 6)."""
+    import socket
+
+    from hybrid_megatron.hf.staging import staged_output
+
+    out = tmp_path / "hf"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERSION, str(out)], env=env)
+    assert proc.returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp-")]
+    assert len(left) == 1 and (left[0] / "model-00001-of-00002.safetensors").is_file()
+    dead = int(left[0].name.split("-")[-2])  # the killed process's pid
+    host = socket.gethostname()
+    kept = [  # everything a rerun must leave alone
+        tmp_path / f".hf.tmp-{host}-{os.getpid()}-0123abcd",  # a live conversion's
+        tmp_path / f".hf.tmp-otherhost-{dead}-0123abcd",  # another host's
+        tmp_path / ".hf.tmp-0123abcd",  # an unknown format
+        tmp_path / f".hf2.tmp-{host}-{dead}-0123abcd",  # another output's
+        tmp_path / "hf.tmp-data",
+    ]
+    for path in kept:
+        path.mkdir()
+        (path / "keep").write_text("x")
+    (tmp_path / f".hf.tmp-{host}-{dead}-0123abcf").write_text("a file, not a staging dir")
+    kept.append(tmp_path / f".hf.tmp-{host}-{dead}-0123abcf")
+    # A previous output moved aside by a conversion killed while replacing it comes back.
+    moved = tmp_path / f".hf.old-{host}-{dead}-0123abce"
+    moved.mkdir()
+    (moved / "config.json").write_text("{}")
+    capsys.readouterr()
+    with staged_output(out, overwrite=True) as tmp:
+        assert not left[0].exists() and (out / "config.json").is_file()
+        (tmp / "config.json").write_text('{"new": 1}')
+    assert (out / "config.json").read_text() == '{"new": 1}'
+    assert all(p.exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf.")) == sorted(
+        p.name for p in kept if p.name.startswith(".hf.")
+    )
+    err = capsys.readouterr().err
+    assert f"Removed {left[0]}" in err and "killed conversion" in err and "Restored" in err
+
+
+def test_disk_full_is_recognised_through_wrapping_writers(tmp_path):
+    """torch's distributed checkpoint writer (from-hf) wraps the OSError of a full disk."""
+    import errno
+
+    from hybrid_megatron.errors import DiskFullError
+    from hybrid_megatron.hf.staging import staged_output
+
+    full = r"about 2\.0 MB needed, .* free there now"
+    with (
+        pytest.raises(DiskFullError, match=full),
+        staged_output(tmp_path / "out", needed_bytes=2_000_000) as tmp,
+    ):
+        (tmp / "part").write_bytes(b"x")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as err:
+            raise RuntimeError("saving the checkpoint failed") from err
+    assert list(tmp_path.iterdir()) == []  # nothing at the target, no staging dir left

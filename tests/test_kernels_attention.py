@@ -321,3 +321,28 @@ def test_flex_block_mask_is_sparse_for_swa():
     block_mask = attn_mod.flex_block_mask(16384, 16384, 128, CPU)
     visited = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
     assert visited == 2 * 128 - 1  # diagonal tile plus the one before it, per query tile
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("sq,sk", [(600, 600), (1, 600), (300, 610)])
+def test_left_padded_attention_equals_each_row_alone(window, sq, sk):
+    """Batched generation: a left-padded row gives what the row gives alone, without pads.
+
+    600 queries run in chunks of `_PADDED_CHUNK` (256), each over only its band of keys.
+    """
+    torch.manual_seed(0)
+    pads = [0, 7, 300]
+    q = torch.randn(len(pads), 4, sq, 16, dtype=torch.float64)
+    k = torch.randn(len(pads), 2, sk, 16, dtype=torch.float64)
+    v = torch.randn(len(pads), 2, sk, 16, dtype=torch.float64)
+    keys = torch.ones(len(pads), sk, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        keys[b, :p] = False
+    out = attention(q, k, v, window=window, backend="sdpa", key_padding_mask=keys)
+    for b, p in enumerate(pads):
+        real_q = max(0, sq - (sk - p))  # queries that are pads (they exist when sq > sk - p)
+        alone = reference(
+            q[b : b + 1, :, real_q:], k[b : b + 1, :, p:], v[b : b + 1, :, p:], window
+        )
+        torch.testing.assert_close(out[b : b + 1, :, real_q:], alone, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(out).all()  # pad queries see themselves: no empty softmax rows

@@ -53,6 +53,6 @@ def test_main_job_trains_converts_and_retrieves(tmp_path):
     assert (run_dir / "hf" / "tokenizer.json").is_file()  # the trained BPE ships with the model
 
     again = _train(run_dir, timeout=300)
-    assert again.returncode == 0 and "is finished (step 1400); nothing to do" in again.stdout
+    assert again.returncode == 0 and "is finished (step 1700); nothing to do" in again.stdout
     assert "converted" not in again.stdout and "evaluating" not in again.stdout
     assert json.loads((run_dir / "pipeline.json").read_text()) == record

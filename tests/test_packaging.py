@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEEP = ("torch", "megatron-core", "transformers", "tokenizers", "safetensors", "jinja2")
+DEEP = ("torch", "megatron-core", "transformers", "tokenizers", "safetensors", "jinja2", "scipy")
 
 
 def _ranges() -> dict[str, str]:

@@ -129,7 +129,9 @@ def test_sigkill_during_checkpoint_save_then_resume_is_exact(reference, tmp_path
 
     resumed = _run(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Skipping checkpoint {partial}" in resumed.stderr
+    assert f"Checkpoint {partial} cannot be used" in resumed.stderr
+    assert "partial checkpoint" in resumed.stderr and "Moved it aside" in resumed.stderr
+    assert len(list(partial.parent.glob("iter_0000008.partial-*"))) == 1, "set aside, kept"
     assert "resumed from" in resumed.stdout and "iter_0000004" in resumed.stdout
     _assert_same_run(run_dir, reference)
     assert (partial / "hm_complete.json").is_file(), "iteration 8 was saved again, completely"
@@ -141,6 +143,180 @@ def test_retention_keeps_last_n_complete_checkpoints(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["iter_0000006", "iter_0000008", "latest_checkpointed_iteration.txt"]
+
+
+def _flip_a_byte(ckpt: Path) -> None:
+    f = ckpt / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_retention_keeps_good_ones(reference, tmp_path):
+    """Issue 14.1 + 14.2: a finished run whose newest checkpoint is corrupt, rerun with
+    keep_last=1. Before: exit 2 "Refusing to overwrite the complete checkpoint" (or retention
+    deleted the good older checkpoint); now the corrupt one is moved aside, never deleted."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    ckpts = run_dir / "checkpoints"
+    _flip_a_byte(ckpts / "iter_0000012")
+    proc = _run(run_dir, "checkpoint.keep_last=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iter_0000012 cannot be used" in proc.stderr and "CRC32" in proc.stderr
+    assert "resumed from" in proc.stdout and "iter_0000008" in proc.stdout
+    names = sorted(p.name for p in ckpts.iterdir())
+    aside = [n for n in names if n.startswith("iter_0000012.corrupt-")]
+    assert len(aside) == 1 and (ckpts / aside[0] / "__0_0.distcp").is_file()
+    # kept: the fresh step 12 and the one it resumed from (never deleted by that run)
+    assert [n for n in names if n.startswith("iter_") and "." not in n] == [
+        "iter_0000008",
+        "iter_0000012",
+    ]
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "12\n"
+    assert (ckpts / "iter_0000012" / "hm_complete.json").is_file()
+    _assert_same_run(run_dir, reference)
+
+
+def test_second_job_on_a_running_run_dir_is_refused(reference, tmp_path):
+    """Issue 14.3: two `train` jobs on one run dir used to interleave metrics rows and crash
+    in the checkpoint writer. The second now exits 2 at once naming the first; the first is
+    undisturbed."""
+    run_dir = tmp_path / "run"
+    env = dict(_env(), HYBRID_MEGATRON_FAULT="slow_steps:0.5")
+    first = subprocess.Popen(_cli(run_dir), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not ((run_dir / "metrics.jsonl").is_file() and _rows(run_dir, "train")):
+            assert time.time() < deadline and first.poll() is None, "first job did not start"
+            time.sleep(0.1)
+        second = _run(run_dir)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "in use by another training job" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "train.lock" in second.stderr
+        assert "Traceback" not in second.stderr
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert not (run_dir / "train.lock").exists(), "released at the end"
+    _assert_same_run(run_dir, reference)
+
+
+def test_ctrl_c_during_a_checkpoint_save_stops_the_run(tmp_path):
+    """Issue 14.6: Ctrl-C (SIGINT to the trainer's process group, as a terminal sends it)
+    while a checkpoint is being saved used to be swallowed or to crash the save; now the save
+    completes and the run stops like on SIGTERM, exit 0."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    saving = run_dir / "checkpoints" / "iter_0000004"  # created when the save starts
+    deadline = time.time() + 240
+    while not saving.is_dir():
+        assert time.time() < deadline and proc.poll() is None, "no save started"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    steps = [r["step"] for r in _rows(run_dir, "train")]
+    assert steps[-1] in (4, 5), "stopped at the save (or the step after it if polling lagged)"
+    assert f"stopped at step {steps[-1]} (SIGINT)" in out
+    assert (run_dir / "checkpoints" / f"iter_{steps[-1]:07d}" / "hm_complete.json").is_file()
+
+
+def test_sigkilled_trainer_leaves_no_helper_processes(tmp_path):
+    """Issue 14.6: the checkpoint writer's helper processes (and their resource tracker) used
+    to outlive a SIGKILLed trainer for good; they must die with it within seconds."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = dict(_env(), HYBRID_MEGATRON_FAULT="slow_steps:0.3")
+    proc = subprocess.Popen(_cli(run_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        marker = run_dir / "checkpoints" / "iter_0000004" / "hm_complete.json"
+        deadline = time.time() + 240
+        while not marker.is_file():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint was saved"
+            time.sleep(0.1)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers, "the checkpoint writer's helper process is running"
+        proc.kill()  # the trainer only, not its process group
+        proc.wait()
+        gone, alive = psutil.wait_procs(helpers, timeout=10)
+        assert not alive, f"orphaned helper processes: {[p.cmdline() for p in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_checkpoint_of_another_model_is_refused_before_loading(reference, tmp_path):
+    """Issue 14.9: with config.yaml gone, a run dir whose checkpoints hold another model used
+    to fail in Megatron ("Global shape mismatch" traceback) on every rerun. The run config
+    each checkpoint carries is compared first."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "config.yaml").unlink()
+    proc = _run(run_dir, "model.hidden_size=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "iter_0000012 was written by a different model (changed: model.hidden_size" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(
+        p.name for p in (reference / "checkpoints").iterdir()
+    ), "nothing moved or deleted"
+
+
+def test_steps_below_the_steps_done_is_refused(reference, tmp_path):
+    """Issue 14.12: `--steps 8` on a run dir that holds 12 steps used to exit 0 silently."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    config = (run_dir / "config.yaml").read_bytes()
+    proc = _run(run_dir, "train.steps=8")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "already holds 12 trained steps, more than train.steps=8" in proc.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config, "config.yaml not rewritten"
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unprivileged user+mount namespaces")
+def test_disk_full_during_a_save_says_so(tmp_path):
+    """Issue 14.12: a full disk during a save used to end in a torch serializer traceback
+    ("unexpected pos"). Checkpoints take ~22 MB here; a 30 MB filesystem holds one."""
+    import shlex
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    train = shlex.join(_cli(run_dir, "train.steps=8", "train.eval_interval=0"))
+    script = (
+        f"mount -t tmpfs -o size=30m tmpfs {ckpts} && {{ {train}; echo rc=$?; }} && "
+        f"ls {ckpts} && cat {ckpts}/latest_checkpointed_iteration.txt && "
+        f"ls {ckpts}/iter_0000004/hm_complete.json"
+    )
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "rc=3" in proc.stdout, proc.stderr[-3000:]
+    assert "No space left on device while saving checkpoint iter_0000008" in proc.stderr
+    assert "needs about 22" in proc.stderr and "iter_0000004 (step 4) is kept" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    listing = proc.stdout.split("rc=3", 1)[1].split()
+    assert "iter_0000008" not in listing and "iter_0000004" in listing
+    assert "4" in listing and f"{ckpts}/iter_0000004/hm_complete.json" in listing
 
 
 def test_tiny_run_learns_and_validation_tracks(tmp_path):

@@ -7,7 +7,8 @@
         latest_checkpointed_iteration.txt   newest complete iteration (atomic rename)
 
 A directory without `hm_complete.json`, or whose files disagree with it, is partial or
-corrupt: it is skipped with a warning naming it and is never loaded.
+corrupt: it is skipped with a warning naming it and is never loaded (a training job moves it
+aside, see `retention`).
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def checkpoint_problem(ckpt_dir: Path, verify_checksums: bool = True) -> str | N
         if verify_checksums and "crc32" in entry and file_crc32(p) != entry["crc32"]:
             return f"file {rel} fails its CRC32 check (corrupt)"
     return None
+
+
+def is_iter_dir(path: Path) -> bool:
+    """Whether `path` is named like one checkpoint (iter_NNNNNNN)."""
+    return _ITER_RE.match(Path(path).name) is not None
 
 
 def list_checkpoint_dirs(ckpt_root: Path) -> list[CheckpointInfo]:

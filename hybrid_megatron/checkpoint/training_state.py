@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +28,20 @@ from hybrid_megatron.checkpoint.layout import (
     CheckpointError,
     CheckpointInfo,
     atomic_write_text,
-    complete_checkpoints,
     iter_dir_name,
     read_marker,
-    warn,
     write_complete_marker,
 )
 from hybrid_megatron.checkpoint.model_state import model_sharded_state_dict, unwrap
+from hybrid_megatron.checkpoint.retention import (
+    apply_retention,
+    mark_verified,
+    problem_of,
+    set_aside,
+)
+from hybrid_megatron.checkpoint.space import disk_full_message, save_failed_for_space
 from hybrid_megatron.config import RunConfig, to_dict
+from hybrid_megatron.errors import DiskFullError
 from hybrid_megatron.megatron_compat.optimizer_state import untie_adam_steps
 from hybrid_megatron.training.optimizer import init_empty_optimizer_state
 
@@ -137,20 +143,23 @@ def save_training_checkpoint(
     optimizer,
     scheduler,
     progress: TrainingProgress,
+    protect: Sequence[Path] = (),
 ) -> Path:
-    """Collectively save; returns the checkpoint dir once it is complete and marked latest."""
+    """Collectively save; returns the checkpoint dir once it is complete and marked latest.
+
+    Retention then never deletes this checkpoint or those in `protect` (resumed from)."""
     ckpt_dir = ckpt_root / iter_dir_name(progress.iteration)
     rank0 = dist.get_rank() == 0
     if rank0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         if ckpt_dir.exists():
-            if (ckpt_dir / "hm_complete.json").exists():
+            problem = problem_of(ckpt_dir, cfg.checkpoint.checksums)
+            if problem is None:
                 raise CheckpointError(
-                    f"Refusing to overwrite the complete checkpoint {ckpt_dir}. Resume from it or "
-                    "use another run directory."
+                    f"Refusing to overwrite the complete checkpoint {ckpt_dir}. Resume from it "
+                    "(checkpoint.resume: true) or use another run directory."
                 )
-            warn(f"Removing partial checkpoint {ckpt_dir} (left by an earlier crash).")
-            shutil.rmtree(ckpt_dir)
+            set_aside(ckpt_dir, problem)
         ckpt_dir.mkdir()
     _barrier()
     sd = _state_dict(
@@ -163,25 +172,44 @@ def save_training_checkpoint(
         include_rng=True,
         include_optimizer=True,
     )
-    dist_checkpointing.save(sd, str(ckpt_dir))
-    _barrier()
+    try:
+        dist_checkpointing.save(sd, str(ckpt_dir))
+        _barrier()
+        if rank0:
+            _maybe_inject_fault(progress.iteration)
+            _mark_complete(cfg, ckpt_dir, progress)
+            atomic_write_text(ckpt_root / LATEST_FILE, f"{progress.iteration}\n")
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        if isinstance(err, KeyboardInterrupt | SystemExit) or not save_failed_for_space(
+            err, ckpt_dir
+        ):
+            raise
+        raise DiskFullError(disk_full_message(ckpt_dir, remove_partial=rank0)) from err
     if rank0:
-        _maybe_inject_fault(progress.iteration)
-        (ckpt_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        write_complete_marker(
-            ckpt_dir,
-            progress.iteration,
-            {
-                "consumed_samples": progress.consumed_samples,
-                "layout": parallel_layout(),
-                "optimizer_format": cfg.checkpoint.optimizer_format,
-            },
-            checksums=cfg.checkpoint.checksums,
+        apply_retention(
+            ckpt_root,
+            cfg.checkpoint.keep_last,
+            protect=[ckpt_dir, *protect],
+            verify_checksums=cfg.checkpoint.checksums,
         )
-        atomic_write_text(ckpt_root / LATEST_FILE, f"{progress.iteration}\n")
-        apply_retention(ckpt_root, cfg.checkpoint.keep_last)
     _barrier()
     return ckpt_dir
+
+
+def _mark_complete(cfg: RunConfig, ckpt_dir: Path, progress: TrainingProgress) -> None:
+    """Record the run config and the completion marker: this makes the checkpoint usable."""
+    (ckpt_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_complete_marker(
+        ckpt_dir,
+        progress.iteration,
+        {
+            "consumed_samples": progress.consumed_samples,
+            "layout": parallel_layout(),
+            "optimizer_format": cfg.checkpoint.optimizer_format,
+        },
+        checksums=cfg.checkpoint.checksums,
+    )
+    mark_verified(ckpt_dir)
 
 
 def _maybe_inject_fault(iteration: int) -> None:
@@ -191,18 +219,6 @@ def _maybe_inject_fault(iteration: int) -> None:
         if os.getpgid(0) == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def apply_retention(ckpt_root: Path, keep_last: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep_last`; partial ones are left alone."""
-    if keep_last is None:
-        return []
-    complete = complete_checkpoints(ckpt_root)
-    removed = []
-    for info in complete[: max(0, len(complete) - keep_last)]:
-        shutil.rmtree(info.path, ignore_errors=True)
-        removed.append(info.path)
-    return removed
 
 
 def load_training_checkpoint(

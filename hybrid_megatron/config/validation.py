@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 
 from hybrid_megatron.errors import ConfigError
@@ -13,8 +14,13 @@ if typing.TYPE_CHECKING:
 def _positive(name: str, value: int | float | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
+    if value is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -27,6 +33,8 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.full_attention.rope_theta", m.full_attention.rope_theta)
     _positive("model.swa.rope_theta", m.swa.rope_theta)
     _positive("model.init_std", m.init_std, allow_none=True)
+    _positive("model.norm_epsilon", m.norm_epsilon)
+    _positive("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by)
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
@@ -140,6 +148,23 @@ def validate_training(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}."
         )
+    for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):
+        _finite(f"optimizer.{name}", getattr(o, name))
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ConfigError(
+            f"optimizer.beta1={o.beta1} and optimizer.beta2={o.beta2} must lie in [0, 1) "
+            "(Adam's moving-average factors, e.g. 0.9 and 0.95)."
+        )
+    if o.weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {o.weight_decay}.")
+    _positive("optimizer.eps", o.eps)
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}.")
+    if not 0 <= cfg.data.synthetic.seed < 2**32:
+        raise ConfigError(
+            f"data.synthetic.seed must be in [0, 2**32), got {cfg.data.synthetic.seed}."
+        )
+    validate_after_training(cfg)
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(
             f"optimizer.lr={o.lr} and optimizer.min_lr={o.min_lr} need 0 <= min_lr <= lr, lr > 0."
@@ -190,6 +215,44 @@ def validate_training(cfg: RunConfig) -> None:
             )
         if s.fill_sequences:
             _check_documents_fit(cfg)
+
+
+def validate_after_training(cfg: RunConfig) -> None:
+    """after_training's evaluation settings, checked with the config, not after training."""
+    a = cfg.after_training
+    _positive("after_training.eval_samples", a.eval_samples)
+    _positive("after_training.eval_max_new_tokens", a.eval_max_new_tokens, allow_none=True)
+    if not a.eval_tasks:
+        return
+    from hybrid_megatron.eval.plan import PPL_TASK
+    from hybrid_megatron.eval.tasks.errors import MissingTaskDataError
+    from hybrid_megatron.eval.tasks.registry import TASKS, get_task
+
+    known = [*TASKS, PPL_TASK]
+    for task in a.eval_tasks:
+        if task not in known:
+            raise ConfigError(
+                f"after_training.eval_tasks: unknown task {task!r}; choose from {', '.join(known)}."
+            )
+    if a.eval_tasks and not a.eval_lengths:
+        raise ConfigError(
+            "after_training.eval_tasks is set but after_training.eval_lengths is empty; list "
+            "the prompt lengths in tokens to evaluate at, e.g. [1024, 4096]."
+        )
+    for n in a.eval_lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(
+                f"after_training.eval_lengths must be positive token counts, got {n!r}."
+            )
+    for task in a.eval_tasks:
+        if task == PPL_TASK:
+            continue
+        try:
+            get_task(task).check_sample_count(a.eval_samples)
+        except MissingTaskDataError:
+            pass  # skipped with a message when evaluation runs (data may appear by then)
+        except ValueError as err:
+            raise ConfigError(f"after_training.eval_tasks: task {task!r}: {err}") from err
 
 
 def _check_documents_fit(cfg: RunConfig) -> None:

@@ -204,13 +204,16 @@ def _sampled_max_token(bin_path: str, dtype: np.dtype, num_tokens: int) -> tuple
         del data
 
 
-def _index_stats(idx_path: str) -> tuple[int, int, np.dtype] | None:
-    """(documents, tokens, dtype) read with Megatron's index reader; None if inconsistent.
+def _index_stats(idx_path: str) -> tuple[int, int, np.dtype, str | None]:
+    """(documents, tokens, dtype, what is inconsistent in its tables or None), read with
+    Megatron's index reader.
 
     Uses the reader directly rather than `IndexedDataset`, whose `__del__` prints a spurious
     traceback when its constructor fails on a bad index.
     """
     from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    from hybrid_megatron.data.index_tables import table_problem
 
     reader = _IndexReader(idx_path, multimodal=False)
     try:
@@ -222,21 +225,11 @@ def _index_stats(idx_path: str) -> tuple[int, int, np.dtype] | None:
         dtype = np.dtype(reader.dtype)
         n = len(lengths)
         num_tokens = int(lengths.sum(dtype=np.int64))
-        ok = (
-            len(docs) >= 1
-            and int(docs[0]) == 0
-            and int(docs[-1]) == n
-            and (n == 0 or (int(lengths.min()) >= 0 and int(pointers[0]) == 0))
-            and (
-                n == 0
-                or int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
-                == num_tokens * dtype.itemsize
-            )
-        )
+        problem = table_problem(lengths, pointers, docs, dtype.itemsize)
         del lengths, pointers, docs  # release views into the mmap before the reader closes it
     finally:
         del reader
-    return (n, num_tokens, dtype) if ok else None
+    return n, num_tokens, dtype, problem
 
 
 def validate_prefix(
@@ -256,9 +249,11 @@ def validate_prefix(
         raise DataError(
             f"index file {idx_path} is corrupt or truncated ({type(err).__name__}: {err}); {hint}."
         ) from err
-    if stats is None:
-        raise DataError(f"index file {idx_path} is corrupt (inconsistent tables); {hint}.")
-    n, num_tokens, dtype = stats
+    n, num_tokens, dtype, problem = stats
+    if problem is not None:
+        raise DataError(
+            f"index file {idx_path} is corrupt (inconsistent tables: {problem}); {hint}."
+        )
     if n == 0:
         raise DataError(f"{idx_path} describes an empty dataset (0 documents); {hint}.")
     expected = num_tokens * dtype.itemsize

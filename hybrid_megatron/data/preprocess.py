@@ -112,52 +112,61 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}:{lineno}: not valid UTF-8 at byte {err.start + 1} of the line "
+            f"({err.reason}); re-encode the file as UTF-8."
+        ) from None
+
+
 def _iter_jsonl(path: Path, json_key: str) -> Iterator[str]:
-    with path.open("r", encoding="utf-8") as f:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path}:{lineno}: invalid JSON ({err.msg}, column {err.colno}). Each "
-                        f'line must be one JSON object such as {{"{json_key}": "..."}}.'
-                    ) from None
-                if not isinstance(record, dict):
-                    raise DataError(
-                        f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}."
-                        f' Each line must look like {{"{json_key}": "..."}}.'
-                    )
-                if json_key not in record:
-                    keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-                    raise DataError(
-                        f"{path}:{lineno}: no key '{json_key}' (keys present: {keys}). Pass the "
-                        "key holding the text with --json-key (json_key=...)."
-                    )
-                text = record[json_key]
-                if not isinstance(text, str):
-                    raise DataError(
-                        f"{path}:{lineno}: '{json_key}' holds a {type(text).__name__}, "
-                        "expected a string."
-                    )
-                yield text
-        except UnicodeDecodeError as err:
-            raise DataError(
-                f"{path}: not valid UTF-8 near line {lineno + 1} ({err.reason}); re-encode the "
-                "file as UTF-8."
-            ) from None
+    # Bytes line by line, decoded one at a time: a decoding error names its own line (a text
+    # stream decodes ahead in blocks, so its errors surface lines later).
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(path, lineno, raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({err.msg}, column {err.colno}). Each "
+                    f'line must be one JSON object such as {{"{json_key}": "..."}}.'
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}."
+                    f' Each line must look like {{"{json_key}": "..."}}.'
+                )
+            if json_key not in record:
+                keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+                raise DataError(
+                    f"{path}:{lineno}: no key '{json_key}' (keys present: {keys}). Pass the "
+                    "key holding the text with --json-key (json_key=...)."
+                )
+            text = record[json_key]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}:{lineno}: '{json_key}' holds a {type(text).__name__}, "
+                    "expected a string."
+                )
+            yield text
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(
-            f"{path}: not valid UTF-8 at byte {err.start} ({err.reason}); re-encode the file "
-            "as UTF-8."
+            f"{path}:{line}: not valid UTF-8 at byte {column} of the line ({err.reason}); "
+            "re-encode the file as UTF-8."
         ) from None
 
 

@@ -115,5 +115,20 @@ def train_tokenizer_from_files(
     texts = (text for path in files for text in iter_file_documents(path, json_key, txt_mode))
     out = train_bpe_tokenizer(texts, vocab_size, output)
     if log:
-        log(f"wrote a {vocab_size}-token byte-level BPE tokenizer to {out}")
+        written = written_vocab_size(out)
+        note = (
+            ""
+            if written == vocab_size
+            else f" ({vocab_size} requested: the text has too few distinct pairs to merge "
+            "for more; train on more text for a larger vocabulary)"
+        )
+        log(f"wrote a {written}-token byte-level BPE tokenizer to {out}{note}")
     return out
+
+
+def written_vocab_size(tokenizer_dir: Path) -> int:
+    """Tokens of a saved tokenizer (special tokens included): what training produced, which
+    can be fewer than requested on a small corpus."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size()

@@ -12,16 +12,14 @@ A model path is either
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +27,8 @@ from typing import Any, Literal
 import torch
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.eval.identity import TOKENIZER_FILES, model_identity
+from hybrid_megatron.eval.locks import LockHeld, file_lock
 
 CACHE_ENV = "HYBRID_MEGATRON_EVAL_CACHE"
 # Launcher variables a conversion subprocess must not inherit (it runs as a world of one).
@@ -52,10 +52,6 @@ class ModelLoadError(ConfigError):
     """A model path that cannot be evaluated; the message names the path and the fix."""
 
 
-class LockHeld(Exception):
-    """`file_lock(wait=False)` found the lock taken by a live process."""
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """One model of a sweep: where it is, what it is, and its stable display name."""
@@ -65,6 +61,12 @@ class ModelSource:
     kind: Literal["hf", "megatron"]
     iteration: int | None = None
     run: str | None = None  # the training run it belongs to (groups score-vs-step curves)
+    identity: str = ""  # `model_identity`: what the weights are, not what the folder is called
+
+    @property
+    def key(self) -> str:
+        """Names the model in work-item keys: display name and identity."""
+        return f"{self.name}@{self.identity}" if self.identity else self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -83,6 +85,7 @@ class EvalModelInfo:
     dtype: str
     device: str
     converted: bool = False
+    model_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +101,13 @@ def _run_name(iter_dir: Path) -> str:
     return parent.name or str(parent)
 
 
+def _identity(path: Path, kind: str) -> str:
+    try:
+        return model_identity(path, kind)
+    except OSError as err:
+        raise ModelLoadError(f"Cannot read model {path} ({err}).") from err
+
+
 def _hf_source(path: Path) -> ModelSource:
     try:
         config = json.loads((path / "config.json").read_text())
@@ -109,12 +119,12 @@ def _hf_source(path: Path) -> ModelSource:
     run = _run_name(Path(source)) if source else None
     # Converted from a training run: named by run and step, not by the folder ("hf").
     name = f"{run} step {iteration}" if run and iteration is not None else path.absolute().name
-    return ModelSource(name, path, "hf", iteration, run)
+    return ModelSource(name, path, "hf", iteration, run, _identity(path, "hf"))
 
 
 def describe_model(path: str | os.PathLike) -> ModelSource:
     """Classify one model path (HF dir or Megatron checkpoint) without loading weights."""
-    from hybrid_megatron.checkpoint.layout import CheckpointError, resolve_checkpoint
+    from hybrid_megatron.checkpoint.layout import CheckpointError, is_iter_dir, resolve_checkpoint
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -125,12 +135,18 @@ def describe_model(path: str | os.PathLike) -> ModelSource:
         )
     if (path / "config.json").is_file():
         return _hf_source(path)
-    try:  # size checks only: conversion verifies checksums before it reads anything
-        info = resolve_checkpoint(path, verify_checksums=False)
+    # A run or checkpoints dir: the newest intact checkpoint, as train and convert pick it
+    # (checksums verified, newer corrupt/partial ones skipped with a warning). One iter dir:
+    # size checks here; its conversion verifies the checksums before reading anything.
+    try:
+        info = resolve_checkpoint(path, verify_checksums=not is_iter_dir(path))
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from err
     run = _run_name(info.path)
-    return ModelSource(f"{run}/{info.path.name}", info.path, "megatron", info.iteration, run)
+    identity = _identity(info.path, "megatron")
+    return ModelSource(
+        f"{run}/{info.path.name}", info.path, "megatron", info.iteration, run, identity
+    )
 
 
 def _expand(spec: str) -> list[ModelSource]:
@@ -158,14 +174,17 @@ def _expand(spec: str) -> list[ModelSource]:
 
 def all_checkpoints(run_dir: str | os.PathLike) -> list[ModelSource]:
     """Every complete iter_* checkpoint of a run (oldest first); partial ones are skipped."""
-    from hybrid_megatron.checkpoint.layout import complete_checkpoints, list_checkpoint_dirs, warn
+    from hybrid_megatron.checkpoint.layout import checkpoint_problem, list_checkpoint_dirs, warn
 
     run_dir = Path(run_dir).expanduser()
     root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    complete = complete_checkpoints(root)
+    complete = []
     for info in list_checkpoint_dirs(root):
-        if info not in complete:
-            warn(f"Skipping checkpoint {info.path}: no completion marker (partial save).")
+        problem = checkpoint_problem(info.path, verify_checksums=False)  # conversion: CRCs
+        if problem is None:
+            complete.append(info)
+        else:
+            warn(f"Skipping checkpoint {info.path}: {problem}.")
     if not complete:
         raise ModelLoadError(
             f"No complete checkpoint under {root}: --all-checkpoints needs a run directory "
@@ -191,9 +210,7 @@ def resolve_models(
         raise ModelLoadError("No model given: pass --model PATH or --all-checkpoints RUN_DIR.")
     names = [s.name for s in unique]
     return [
-        ModelSource(str(s.path.absolute()), s.path, s.kind, s.iteration, s.run)
-        if names.count(s.name) > 1
-        else s
+        dataclasses.replace(s, name=str(s.path.absolute())) if names.count(s.name) > 1 else s
         for s in unique
     ]
 
@@ -207,8 +224,9 @@ def default_cache_dir() -> Path:
 
 
 def converted_path(source: ModelSource, cache_dir: str | os.PathLike, dtype: str) -> Path:
-    """Where `source` converted at `dtype` lives in `cache_dir` (same source -> same dir)."""
-    digest = hashlib.sha1(str(source.path.absolute()).encode()).hexdigest()[:8]
+    """Where `source` converted at `dtype` lives in `cache_dir` (same source -> same dir; a
+    checkpoint rewritten at the same path has another identity, so another dir)."""
+    digest = hashlib.sha1(f"{source.path.absolute()}\0{source.identity}".encode()).hexdigest()[:8]
     label = source.name.replace("/", "__").replace(os.sep, "__").strip("_") or "model"
     return Path(cache_dir) / f"{label[-80:]}-{dtype}-{digest}"
 
@@ -219,59 +237,6 @@ def _matches(hf_dir: Path, source: ModelSource) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return meta.get("iteration") == source.iteration
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def file_lock(
-    path: Path, timeout: float = 4 * 3600, poll: float = 0.5, wait: bool = True
-) -> Iterator[None]:
-    """An exclusive lock file across processes (and hosts on a shared file system).
-
-    A lock left by a dead process on this host is taken over; one held by a live process is
-    waited for up to `timeout` seconds, or, with `wait=False`, raises `LockHeld` at once.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    start = time.monotonic()
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if not wait:
-                raise LockHeld(str(path)) from None
-            if time.monotonic() - start > timeout:
-                raise ModelLoadError(
-                    f"Waited {timeout:.0f}s for lock {path} held by {holder or 'another process'}"
-                    ". Delete the file if no conversion is running."
-                ) from None
-            time.sleep(poll)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _converted(target: Path, source: ModelSource) -> bool:
@@ -424,7 +389,7 @@ class EvalTokenizer:
         return f"EvalTokenizer({self.spec!r})"
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = TOKENIZER_FILES
 
 
 def load_tokenizer(
@@ -565,5 +530,6 @@ def load_eval_model(
         dtype=_dtype_name(torch_dtype),
         device=str(device),
         converted=converted,
+        model_id=source.identity,
     )
     return model, tok, info

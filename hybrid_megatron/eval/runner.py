@@ -11,10 +11,18 @@ appends one row per finished sample to its own file (`store`). A killed sweep, r
 the same settings (any world size), finishes only the remaining samples. Rank 0 then waits
 for the other ranks' done markers, aggregates (`aggregate`) and draws the plots.
 
+Rows are keyed by model identity (`models.model_identity`: resolved path + checkpoint marker
+or HF weights fingerprint), never by folder name alone, so another model in a folder of the
+same name is evaluated afresh; an output dir holding results of a different model under the
+same name is refused. Every setting that changes predictions (dtype, device type, attention
+implementation, batch size, tokenizer, seed, task options, transformers and torch versions)
+is recorded in `eval_config.json`; a rerun with other settings is refused (write to a new
+--output), and an unreadable settings file stops the run.
+
 Notes: the aggregation covers every row in the directory (earlier invocations with other
 models or tasks included; `n` says how many samples each number averages). With
-`--batch-size` > 1 a resumed or re-sharded sweep may batch prompts differently, which in
-bf16 can flip a rare near-tie greedy choice; `--batch-size 1` reruns are bit-identical.
+`--batch-size` > 1 a re-sharded sweep may batch prompts differently, which in bf16 can flip a
+rare near-tie greedy choice; `--batch-size 1` reruns are bit-identical.
 """
 
 from __future__ import annotations
@@ -47,8 +55,10 @@ from hybrid_megatron.eval.models import (
     resolve_dtype,
     resolve_models,
 )
+from hybrid_megatron.eval.output_checks import check_output_dir, check_same_models
 from hybrid_megatron.eval.perplexity import PplSequences, evaluate_sequence
 from hybrid_megatron.eval.plan import PPL_TASK, WorkItem, build_plan, plan_digest
+from hybrid_megatron.eval.progress import Progress
 from hybrid_megatron.eval.scoring import score_sample
 from hybrid_megatron.eval.sharding import Shard, shard_from_env, take
 from hybrid_megatron.eval.tasks import (
@@ -97,9 +107,19 @@ class EvalSettings:
     def __post_init__(self) -> None:
         self.output = Path(self.output)
 
-    def sample_settings(self) -> dict[str, Any]:
-        """What shapes the samples and their scores (must match on restart)."""
+    def sample_settings(self, device: torch.device | None = None) -> dict[str, Any]:
+        """What shapes the samples, the predictions and their scores (must match on restart);
+        `device`: the resolved device (its type and the dtype it implies are recorded)."""
+        import transformers
+
+        device = device or resolve_device(self.device)
         return {
+            "dtype": _dtype_label(resolve_dtype(self.dtype, device)),
+            "device": device.type,
+            "attn_implementation": self.attn_implementation,
+            "batch_size": self.batch_size,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0],
             "seed": self.seed,
             "task_options": self.task_options,
             "max_new_tokens": self.max_new_tokens,
@@ -209,61 +229,6 @@ def cpu_threads(model: torch.nn.Module, requested: int | None) -> int:
     return max(1, available_cores() // max(1, local))
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Progress lines: done/total samples, samples/s and an ETA weighted by sample length.
-
-    A line every `every` samples, at least every `interval` seconds while work goes on, and at
-    the end. Samples of different lengths cost very different times, so the ETA divides the
-    tokens still to do by the tokens done per second (not samples by samples per second).
-    """
-
-    def __init__(
-        self, lengths: Sequence[int], every: int, prefix: str, interval: float = 30.0
-    ) -> None:
-        self.total, self.every, self.prefix = len(lengths), max(1, every), prefix
-        self.total_tokens = sum(lengths)
-        self.done = self.done_tokens = 0
-        self.interval = interval
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int = 1, tokens: int = 0) -> None:
-        before = self.done
-        self.done += n
-        self.done_tokens += tokens
-        now = time.perf_counter()
-        if (
-            self.done // self.every > before // self.every
-            or self.done == self.total
-            or now - self.last >= self.interval
-        ):
-            self.last = now
-            print(self.line(), flush=True)
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        token_rate = self.done_tokens / elapsed
-        left_tokens = self.total_tokens - self.done_tokens
-        left = left_tokens / token_rate if token_rate > 0 else float("inf")
-        pct = 100.0 * self.done / max(self.total, 1)
-        return (
-            f"{self.prefix} {self.done}/{self.total} samples ({pct:.0f}%), "
-            f"{rate:.2f} samples/s, elapsed {_duration(elapsed)}, ETA {_duration(left)}"
-        )
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ----------------------------------------------------------------------------- work
 
 
@@ -296,10 +261,15 @@ def _groups(items: Sequence[WorkItem]) -> dict[tuple, list[WorkItem]]:
     return groups
 
 
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _base_row(item: WorkItem, info: EvalModelInfo) -> dict[str, Any]:
     return {
         "key": item.key,
-        "model": item.model,
+        "model": info.name,
+        "model_id": info.model_id,
         "model_path": info.path,
         "iteration": info.iteration,
         "run": info.run,
@@ -339,7 +309,7 @@ class _Worker:
         # (HYBRID_MEGATRON_EVAL_CACHE) that parallel jobs of a sweep convert into once.
         shared = os.environ.get(CACHE_ENV)
         cache = Path(shared) if shared else self.s.output / store.CONVERTED_DIR
-        pending = [s for s in sources if any(it.model == s.name for it in todo)]
+        pending = [s for s in sources if any(it.model == s.key for it in todo)]
         prepare_conversions(
             pending,
             cache,
@@ -347,7 +317,7 @@ class _Worker:
             self.s.verify_conversion,
         )
         for source in pending:
-            items = [it for it in todo if it.model == source.name]
+            items = [it for it in todo if it.model == source.key]
             try:
                 model, tok, info = load_eval_model(
                     source,
@@ -529,19 +499,26 @@ def run_eval(settings: EvalSettings, shard: Shard | None = None) -> dict[str, An
         raise ConfigError("--num-samples must be >= 1 and --lengths non-empty.")
     check_tasks(settings)
     sources = resolve_models(settings.models, settings.all_checkpoints)
+    check_output_dir(out, sources)
     skipped = missing_data(settings)
     for task, reason in skipped.items():
         print(f"hybrid-megatron eval: skipping task {task}: {reason}", file=sys.stderr, flush=True)
     tasks = [t for t in settings.tasks if t not in skipped]
     depths = (settings.depths or [0, 25, 50, 75, 100]) if settings.grid else None
-    names = [s.name for s in sources]
     plan = build_plan(
-        names, tasks, settings.lengths, settings.num_samples, depths, grid_tasks(settings)
+        [s.key for s in sources],
+        tasks,
+        settings.lengths,
+        settings.num_samples,
+        depths,
+        grid_tasks(settings),
     )
     digest = plan_digest(plan)
-    store.check_settings(out, settings.sample_settings())
+    store.check_settings(out, settings.sample_settings(resolve_device(settings.device)))
+    rows = store.read_rows(out)
+    check_same_models(out, rows, sources)
     store.clear_done(out, shard)
-    finished = store.finished_keys(out)
+    finished = {row["key"] for row in rows}
     mine = take(plan, shard)
     todo = [it for it in mine if it.key not in finished]
     print(
@@ -554,9 +531,10 @@ def run_eval(settings: EvalSettings, shard: Shard | None = None) -> dict[str, An
         if shard.rank == 0:
             for source in sources:
                 for task, reason in skipped.items():
-                    key = f"{source.name}|{task}|skipped"
+                    key = f"{source.key}|{task}|skipped"
                     if key not in finished:
-                        row = {"key": key, "model": source.name, "model_path": str(source.path)}
+                        row = {"key": key, "model": source.name, "model_id": source.identity}
+                        row["model_path"] = str(source.path)
                         row |= {"iteration": source.iteration, "run": source.run}
                         writer.write(row | {"task": task, "length": None, "skipped": reason})
         worker = _Worker(settings, shard, writer)

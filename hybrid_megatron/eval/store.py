@@ -1,6 +1,7 @@
 """Result files of an evaluation directory.
 
-    DIR/eval_config.json              settings that shape the samples (checked on restart)
+    DIR/eval_config.json              settings that shape samples and predictions (checked on
+                                      restart: a mismatch or an unreadable file is refused)
     DIR/samples/rank{r}-of-{w}.jsonl  one JSON row per finished sample, appended + flushed
     DIR/samples/rank{r}-of-{w}.done   written when that rank finished its share
     DIR/converted/                    Megatron checkpoints converted for evaluation
@@ -105,11 +106,6 @@ def read_rows(out_dirs: Path | Iterable[Path]) -> list[dict]:
     return list(seen.values())
 
 
-def finished_keys(out_dir: Path) -> set[str]:
-    """Keys of rows that need no more work (samples and recorded skips)."""
-    return {row["key"] for row in read_rows(out_dir)}
-
-
 def write_done(out_dir: Path, shard: Shard, digest: str, finished: int) -> None:
     path = done_file(out_dir, shard)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -138,20 +134,33 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     """Record the sample-shaping settings, or refuse a restart whose settings differ."""
     path = Path(out_dir) / CONFIG_FILE
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists, keys -> str)
-    if path.is_file():
+    # Looked at first: every invocation writes the settings before any sample file, so sample
+    # files seen here mean the settings file exists below, unless it was removed.
+    has_samples = bool(sample_files(out_dir))
+    if path.exists():
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and old != settings:
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError included
+            raise ConfigError(
+                f"{path} is unreadable ({err}). It records the settings the results in "
+                f"{out_dir} were made with, so they cannot be checked or resumed; nothing was "
+                "changed. Restore the file, or write to a new --output directory."
+            ) from err
+        if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             details = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
             raise ConfigError(
                 f"{out_dir} holds results made with other settings ({details}). Resume with "
                 "the same settings, or write to a new --output directory."
             )
-        if old is not None:
-            return
+        return
+    if has_samples:
+        raise ConfigError(
+            f"{out_dir} holds sample files but no {CONFIG_FILE}, so the settings they were made "
+            "with are unknown; nothing was changed. Write to a new --output directory."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))

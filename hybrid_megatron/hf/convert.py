@@ -10,8 +10,9 @@
 - `verify`: logits of a Megatron checkpoint vs an HF directory on the same tokens.
 
 Both converters refuse, before writing anything, partial/corrupt checkpoints, existing
-outputs (unless overwrite) and MoE layers; they build the output beside the target and move
-it into place only after it verified (unless verification is disabled).
+outputs (unless overwrite), outputs that are, contain or lie inside their source (even with
+overwrite) and MoE layers; they build the output beside the target and move it into place
+only after it verified (unless verification is disabled). A full disk is reported as such.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from hybrid_megatron.hf.config_mapping import (
     run_config_from_hf_config,
 )
 from hybrid_megatron.hf.configuration_hybrid_megatron import HybridMegatronConfig
-from hybrid_megatron.hf.staging import check_output, staged_output
+from hybrid_megatron.hf.staging import check_not_source, check_output, staged_output
+from hybrid_megatron.paths import real_path
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,7 @@ def megatron_to_hf(
     check_convertible(cfg.model)
     torch_dtype = _dtype(dtype)
     output = Path(output)
+    _check_separate_from_checkpoints(output, Path(checkpoint), info.path.parent)
     check_output(output, overwrite)
     tok_dir = _tokenizer_dir(cfg, tokenizer, info.path.parent.parent)
     with megatron_io.single_process_megatron():
@@ -236,7 +239,8 @@ def megatron_to_hf(
             "output": str(output),
             "dtype": str(torch_dtype).removeprefix("torch."),
         }
-        with staged_output(output, overwrite) as tmp:
+        needed = sum(t.numel() for t in state.values()) * torch_dtype.itemsize
+        with staged_output(output, overwrite, needed) as tmp:
             special = _write_tokenizer(cfg, tok_dir, tmp, padded)
             _save_hf(hf_config, state, tmp, torch_dtype, max_shard_size, special)
             del state
@@ -249,6 +253,17 @@ def megatron_to_hf(
                 )
                 _check_verification(report["verify"], f"Converting {info.path}")
     return report
+
+
+def _check_separate_from_checkpoints(output: Path, given: Path, root: Path) -> None:
+    """Refuse an output that is, contains or lies inside the checkpoints it converts (or
+    the run dir given as source; a new or earlier HF dir inside a run dir, RUN_DIR/hf, is
+    fine)."""
+    run_dir = root.parent if root.name == "checkpoints" else root
+    hint = f"Write the Hugging Face model to a new directory outside {root}, e.g. {run_dir}/hf."
+    check_not_source(output, root, "checkpoints directory", hint)
+    if real_path(given) == real_path(root).parent:  # a run dir (else: root or an iter dir in it)
+        check_not_source(output, given, "run directory", hint, new_inside_ok=True)
 
 
 def _save_hf(
@@ -296,6 +311,9 @@ def hf_to_megatron(
     config = _read_hf_config(hf_dir)
     cfg = run_config_from_hf_config(config)
     output = Path(output)
+    check_not_source(
+        output, hf_dir, "Hugging Face directory", "Write the checkpoint to a new directory."
+    )
     check_output(output, overwrite)
     if iteration is None:
         iteration = int((config.megatron or {}).get("iteration", 0))
@@ -314,7 +332,8 @@ def hf_to_megatron(
             "output": str(output),
             "iteration": iteration,
         }
-        with staged_output(output, overwrite) as tmp:
+        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        with staged_output(output, overwrite, needed) as tmp:
             ckpt = megatron_io.save_weights_checkpoint(
                 [model], cfg, tmp, iteration, {"converted_from": str(hf_dir.absolute())}
             )

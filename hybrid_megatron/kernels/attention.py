@@ -82,6 +82,7 @@ FLEX_BLOCK_SIZE = 128
 FLEX_EAGER_ENV = "HYBRID_MEGATRON_FLEX_EAGER"
 _MASK_CACHE_SIZE = 8
 _CPU_BWD_CHUNK = 256  # query rows per step of the CPU flex backward
+_PADDED_CHUNK = 256  # query rows per step of padded (batched-generation) attention
 
 _PACKAGES = {
     "flex": "torch.nn.attention.flex_attention",
@@ -240,13 +241,36 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | No
 def _sdpa_padded(
     q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float | None, keys: Tensor
 ) -> Tensor:
-    """SDPA where `keys` [b, sk] (True = real) hides padded keys (see "Padding" above)."""
+    """SDPA where `keys` [b, sk] (True = real) hides padded keys (see "Padding" above).
+
+    Long query blocks run in chunks of `_PADDED_CHUNK` queries, each over only the keys its
+    band can see (from the window start, or 0, to its last query): O(sq * (chunk + W)) for
+    SWA and half the dense work for causal attention, where one dense [b, sq, sk] mask would
+    cost O(sq * sk) in time and memory (a decode step, sq = 1, is a single chunk).
+    """
     sq, sk = q.shape[-2], k.shape[-2]
-    allowed = sdpa_mask(sq, sk, window, q.device) & keys[:, None, None, :].to(q.device)
-    rows = torch.arange(sq, device=q.device)
-    allowed[..., rows, rows + (sk - sq)] = True  # each query may see itself: no empty rows
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    offset, gqa = sk - sq, q.shape[1] != k.shape[1]
+    keys = keys.to(q.device)
+    outs = []
+    for r0 in range(0, sq, _PADDED_CHUNK):
+        r1 = min(r0 + _PADDED_CHUNK, sq)
+        k0 = 0 if window is None else max(0, r0 + offset - window + 1)
+        k1 = r1 + offset
+        allowed = _band_mask(r0 + offset, r1 - r0, k0, k1 - k0, window, q.device)
+        allowed = allowed & keys[:, None, None, k0:k1]
+        rows = torch.arange(r1 - r0, device=q.device)
+        allowed[..., rows, rows + (r0 + offset - k0)] = True  # each query sees itself: no empty row
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, r0:r1],
+                k[:, :, k0:k1],
+                v[:, :, k0:k1],
+                attn_mask=allowed,
+                scale=scale,
+                enable_gqa=gqa,
+            )  # fmt: skip
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 # --------------------------------------------------------------------------------------- flex

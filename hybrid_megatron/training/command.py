@@ -23,7 +23,8 @@ from hybrid_megatron.training.after import (
     wants_hf,
 )
 from hybrid_megatron.training.progress import format_count
-from hybrid_megatron.training.run_dir import check_same_model
+from hybrid_megatron.training.run_dir import check_same_model, check_steps_not_below
+from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 
 
 def _print(msg: str) -> None:
@@ -105,15 +106,26 @@ def _prepare_data(cfg: RunConfig) -> None:
 
 def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
     """The `train` command for `cfg`; `argv` re-creates it for worker processes."""
-    from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
-
     if procenv.launched():
         return _train_under_launcher(cfg)
+    from hybrid_megatron.training.preflight import check_environment
+    from hybrid_megatron.training.workers import plan_cpu_processes, trains_on_cpu
+
     cfg.validate()
     validate_data_source(cfg)
+    check_environment(cfg, plan_cpu_processes(cfg) if trains_on_cpu(cfg) else 1)
     run_dir = cfg.resolved_run_dir
     check_same_model(cfg, run_dir)
+    with acquire_run_lock(run_dir, share_with_children=True):
+        return _run_locked(cfg, argv, run_dir)
+
+
+def _run_locked(cfg: RunConfig, argv: Sequence[str], run_dir: Path) -> int:
+    """The plain command's work, while it holds the run-dir lock (shared with its workers)."""
+    from hybrid_megatron.training.workers import plan_cpu_processes, run_workers, trains_on_cpu
+
     done = newest_intact_iteration(cfg)
+    check_steps_not_below(cfg, done)
     if done is not None and done >= cfg.train.steps:
         record = finished_record(run_dir, done)
         if record is not None:
@@ -155,9 +167,15 @@ def run_train_command(cfg: RunConfig, argv: Sequence[str]) -> int:
 
 def _train_under_launcher(cfg: RunConfig) -> int:
     """One rank of a torchrun / srun job (or of this command's own workers)."""
+    import signal
+
     from hybrid_megatron import distributed
+    from hybrid_megatron.lifetime import die_with_parent, exit_when_orphaned
     from hybrid_megatron.training.trainer import train
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: stop (and save) with it
+        die_with_parent(signal.SIGTERM, parent=os.getppid())
+        exit_when_orphaned()
     try:
         result = train(cfg)
     finally:

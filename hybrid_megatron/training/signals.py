@@ -1,5 +1,8 @@
-"""Turn SIGTERM / SIGUSR1 (or a stop file) into a "checkpoint and stop" request agreed on by
-every rank.
+"""Turn SIGTERM / SIGUSR1 / SIGINT (or a stop file) into a "checkpoint and stop" request agreed
+on by every rank.
+
+Ctrl-C (SIGINT) stops like SIGTERM: the step (or checkpoint save) in progress finishes, a
+checkpoint is saved and the run exits 0; a second Ctrl-C aborts at once (KeyboardInterrupt).
 
 The stop file serves launchers whose processes a signal cannot reach cleanly: a Slurm batch
 script writes `$HM_STOP_FILE` when its pre-time-limit signal arrives, whether the ranks run
@@ -17,7 +20,7 @@ import torch.distributed as dist
 
 from hybrid_megatron.megatron_compat.checkpoint_writer import start_checkpoint_writer_ignoring
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_FILE_ENV = "HM_STOP_FILE"
 
 
@@ -36,7 +39,14 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.received is None:
+            self.received = signum
+            if signum == signal.SIGINT and (not dist.is_initialized() or dist.get_rank() == 0):
+                # os.write, not print: a handler may interrupt a print in progress
+                os.write(2, b"\nstopping: finishing this step and saving a checkpoint "
+                            b"(Ctrl-C again to abort without saving)\n")  # fmt: skip
 
     def _file_requested(self) -> bool:
         if not self.stop_file or (dist.is_initialized() and dist.get_rank() != 0):

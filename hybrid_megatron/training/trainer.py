@@ -20,11 +20,9 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state as ps
 
-from hybrid_megatron import distributed
-from hybrid_megatron.checkpoint.layout import (
-    find_latest_valid,
-    resolve_checkpoint,
-)
+from hybrid_megatron import distributed, procenv
+from hybrid_megatron.checkpoint.layout import CheckpointInfo, iter_dir_name, resolve_checkpoint
+from hybrid_megatron.checkpoint.retention import resume_point
 from hybrid_megatron.checkpoint.training_state import (
     FAULT_ENV,
     TrainingProgress,
@@ -44,7 +42,15 @@ from hybrid_megatron.model.transformer_config import build_transformer_config
 from hybrid_megatron.procenv import launch_ranks
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
-from hybrid_megatron.training.run_dir import check_same_model, has_checkpoint
+from hybrid_megatron.training.preflight import check_environment
+from hybrid_megatron.training.run_dir import (
+    check_checkpoint_model,
+    check_same_model,
+    check_steps_not_below,
+    has_checkpoint,
+)
+from hybrid_megatron.training.run_lock import RunLock
+from hybrid_megatron.training.run_lock import acquire as acquire_run_lock
 from hybrid_megatron.training.schedule import forward_backward, wrap_ddp
 from hybrid_megatron.training.signals import StopRequest
 
@@ -120,6 +126,20 @@ def _write_run_config(cfg: RunConfig, run_dir: Path) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _resume_point(cfg: RunConfig, ckpt_root: Path) -> CheckpointInfo | None:
+    """Rank 0 picks the newest checkpoint that verifies (setting unusable newer ones aside)
+    and tells every other rank."""
+    found = [None]
+    if dist.get_rank() == 0:
+        info = resume_point(ckpt_root, cfg.checkpoint.checksums)
+        found = [None if info is None else info.iteration]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is None:
+        return None
+    return CheckpointInfo(found[0], ckpt_root / iter_dir_name(found[0]))
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -182,6 +202,7 @@ def train(cfg: RunConfig) -> TrainResult:
     t = cfg.train
     cfg.validate(world_size=launch_ranks(os.environ)[1])  # before any process group starts
     validate_data_source(cfg)
+    check_environment(cfg, procenv.world_size())
     run_dir = cfg.resolved_run_dir
     ckpt_root = run_dir / "checkpoints"
     # Fail on a bad init checkpoint before any process group or data work.
@@ -197,11 +218,42 @@ def train(cfg: RunConfig) -> TrainResult:
         stop.restore()
 
 
+def _lock_run_dir(run_dir: Path) -> RunLock | None:
+    """Rank 0 locks the run dir for this job before any rank writes; every rank learns
+    whether it could (a held lock is a ConfigError on all of them)."""
+    lock, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            lock = acquire_run_lock(run_dir)
+        except ConfigError as e:
+            error = [str(e)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
+    return lock
+
+
 def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> TrainResult:
-    t = cfg.train
     num_micro = validate_batch_layout(cfg, dist.get_world_size())
     check_same_model(cfg, run_dir)
     bf16 = _precision(cfg, device)
+    lock = _lock_run_dir(run_dir)
+    try:
+        return _train_locked(cfg, run_dir, ckpt_root, init_info, device, stop, num_micro, bf16)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest, num_micro: int, bf16: bool
+) -> TrainResult:
+    t = cfg.train
+    resume = _resume_point(cfg, ckpt_root) if cfg.checkpoint.resume else None
+    if resume is not None:
+        check_checkpoint_model(cfg, resume)
+        check_steps_not_below(cfg, resume.iteration)
     _log("building datasets")
     datasets = build_train_valid(cfg, run_dir)
     _write_run_config(cfg, run_dir)
@@ -213,9 +265,6 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
     scheduler = build_scheduler(cfg, optimizer)
 
     progress = TrainingProgress()
-    resume = (
-        find_latest_valid(ckpt_root, cfg.checkpoint.checksums) if cfg.checkpoint.resume else None
-    )
     if resume is not None:
         progress = load_training_checkpoint(cfg, resume, chunks, optimizer, scheduler)
         _log(
@@ -295,9 +344,16 @@ def _train(cfg, run_dir, ckpt_root, init_info, device, stop: StopRequest) -> Tra
             periodic = cfg.checkpoint.interval and progress.iteration % cfg.checkpoint.interval == 0
             if periodic or last or stopping or exit_now:
                 result.last_checkpoint = save_training_checkpoint(
-                    cfg, ckpt_root, chunks, optimizer, scheduler, progress
+                    cfg,
+                    ckpt_root,
+                    chunks,
+                    optimizer,
+                    scheduler,
+                    progress,
+                    protect=[resume.path] if resume else [],
                 )
                 _log(f"saved checkpoint {result.last_checkpoint}")
+                stopping = stopping or stop.agreed(device)  # a signal during the save
             if stopping or exit_now:
                 result.stopped_by = stop.name if stopping else "exit_after_steps"
                 _log(

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from hybrid_megatron.config import RunConfig
+from hybrid_megatron.lifetime import die_with_parent
 from hybrid_megatron.procenv import WORKER_ENV, available_cores
 
 
@@ -55,11 +56,7 @@ def plan_cpu_processes(cfg: RunConfig, cores: int | None = None) -> int:
 def _die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when this process dies, even by SIGKILL, so
     a killed `train` does not leave its workers running on."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
 
 
 def run_workers(argv: Sequence[str], nproc: int) -> int:
