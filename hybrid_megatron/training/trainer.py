@@ -39,7 +39,6 @@ from hybrid_megatron.config import (
 from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.model.build import build_model
 from hybrid_megatron.model.transformer_config import build_transformer_config
-from hybrid_megatron.procenv import launch_ranks
 from hybrid_megatron.training.data import batch_checksum, build_train_valid, micro_batches
 from hybrid_megatron.training.optimizer import build_optimizer, build_scheduler
 from hybrid_megatron.training.preflight import check_environment
@@ -200,7 +199,7 @@ def evaluate(cfg: RunConfig, chunks, valid_ds, num_micro: int, device: torch.dev
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the pretraining job described by `cfg` on this rank."""
     t = cfg.train
-    cfg.validate(world_size=launch_ranks(os.environ)[1])  # before any process group starts
+    cfg.validate()
     validate_data_source(cfg)
     check_environment(cfg, procenv.world_size())
     run_dir = cfg.resolved_run_dir
