@@ -4,6 +4,8 @@ model whose head is built to copy the needle (and one whose window hides it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -203,3 +205,60 @@ def test_retrieval_heads_command_writes_json_and_heatmap(tmp_path):
     assert len(result["heads"]) == 8 and len(result["top_heads"]["attention_mass"]) == 3
     assert all(0.0 <= h["attention_mass"] <= 1.0 + 1e-6 for h in result["heads"])
     assert (out / "retrieval_heads.png").stat().st_size > 1000
+
+
+def _sharded_analyses(hf: str, out: str) -> None:
+    from hybrid_megatron.analysis.grad_distance import GradSettings, run_grad_distance
+    from hybrid_megatron.analysis.retrieval_heads import RetrievalSettings, run_retrieval_heads
+
+    settings = RetrievalSettings(length=400, num_samples=3, top_k=3, max_new_tokens=4)
+    run_retrieval_heads(hf, Path(out) / "heads", settings, device="cpu")
+    grad = GradSettings(length=64, num_sequences=3, last_n=4)
+    run_grad_distance(hf, Path(out) / "grad", grad, device="cpu")
+
+
+def test_analyses_sharded_over_two_ranks_equal_one_process(tmp_path):
+    import json
+
+    from tests.dist_utils import run_distributed
+
+    torch.manual_seed(0)
+    config = HybridMegatronConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=64,
+        layer_types=["mamba", "sliding_attention", "full_attention"], num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, mamba_d_state=4, mamba_d_head=8,
+        mamba_n_groups=2, mamba_chunk_size=8,
+    )  # fmt: skip
+    hf = tmp_path / "hf"
+    HybridMegatronForCausalLM(config).save_pretrained(hf)
+    _sharded_analyses(str(hf), str(tmp_path / "one"))
+    run_distributed(_sharded_analyses, 2, str(hf), str(tmp_path / "two"))
+    for name in ("heads/retrieval_heads.json", "grad/grad_distance.json"):
+        one = json.loads((tmp_path / "one" / name).read_text())
+        two = json.loads((tmp_path / "two" / name).read_text())
+        one.pop("seconds", None), two.pop("seconds", None)
+        assert one == two
+    assert (tmp_path / "two" / "heads" / "retrieval_heads.png").is_file()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@torch.no_grad()
+def test_probe_works_on_llama_style_models(window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (17,), generator=torch.Generator().manual_seed(3))
+    full = model(ids[None], output_attentions=True, use_cache=False)
+    model.config._attn_implementation = "sdpa"
+    probe = AttentionProbe(model)
+    assert probe.layout.windows == (window, window)
+    probe.prefill(ids[:14])
+    step = probe.attend(ids[14:])
+    for layer, ref in zip(probe.layout.layers, full.attentions, strict=True):
+        torch.testing.assert_close(step.attentions[layer], ref[0, :, 14:], atol=1e-5, rtol=1e-4)

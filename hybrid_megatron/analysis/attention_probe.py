@@ -69,8 +69,9 @@ def attention_layout(model: Any) -> AttentionLayout:
         kinds = tuple(types[i] for i in layers)
         windows = tuple(config.layer_window(i) for i in layers)
     else:
-        types = list(getattr(config, "layer_types", None) or [FULL] * n)
         window = getattr(config, "sliding_window", None)
+        # no layer_types (Mistral-style): a configured window applies to every layer
+        types = list(getattr(config, "layer_types", None) or [SLIDING if window else FULL] * n)
         layers = tuple(range(n))
         kinds = tuple(SLIDING if types[i] == SLIDING and window else FULL for i in layers)
         windows = tuple(window if k == SLIDING else None for k in kinds)

@@ -60,11 +60,13 @@ def distance_bins(length: int) -> list[tuple[int, int]]:
 
 def grad_curve(model: Any, sequences: list[list[int]], settings: GradSettings) -> dict[str, Any]:
     """Mean influence per distance to the last token, and per distance bin."""
+    from hybrid_megatron.analysis.sharding import shard_map
+
     model.requires_grad_(False)
-    total = torch.zeros(settings.length, dtype=torch.float64)
-    for ids in sequences:
-        total += influence(model, ids, settings.last_n, settings.target).flip(0)
-    mean = total / len(sequences)
+    curves = shard_map(
+        sequences, lambda ids: influence(model, ids, settings.last_n, settings.target).flip(0)
+    )
+    mean = torch.stack(curves).mean(0)
     bins = [
         {"lo": lo, "hi": hi, "mean": float(mean[lo:hi].mean())}
         for lo, hi in distance_bins(settings.length)
@@ -84,13 +86,18 @@ def run_grad_distance(
 ) -> Path:
     """`analyze grad-distance`: write grad_distance.json and grad_distance.png to `out`."""
     from hybrid_megatron.analysis.plots import plot_lines
+    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
     from hybrid_megatron.eval.models import load_eval_model
     from hybrid_megatron.eval.perplexity import PplSequences
 
     if settings.last_n < 1 or settings.num_sequences < 1:
         raise ConfigError("--last-n and --num-sequences must be >= 1")
     model, tok, info = load_eval_model(
-        model_path, device, dtype, tokenizer=tokenizer, verify_conversion=verify_conversion
+        model_path,
+        analysis_device(device),
+        dtype,
+        tokenizer=tokenizer,
+        verify_conversion=verify_conversion,
     )
     data = PplSequences(tok, settings.data, seed=settings.seed)
     sequences = [data.get(settings.length, i) for i in range(settings.num_sequences)]
@@ -101,6 +108,8 @@ def run_grad_distance(
         )
     curve = grad_curve(model, sequences, settings)
     result = {"model": info.to_dict(), "settings": asdict(settings), **curve}
+    if not is_writer():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "grad_distance.json").write_text(json.dumps(result, indent=1))
     mids = [math.sqrt(max(b["lo"], 0.5) * b["hi"]) for b in curve["bins"]]

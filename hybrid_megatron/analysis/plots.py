@@ -13,7 +13,7 @@ KIND_LABELS = {"full_attention": "full", "sliding_attention": "swa"}
 def _figure(cols: int = 1, width: float = 6.0, height: float = 4.0):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * cols, height))
+    fig = Figure(figsize=(width * cols, height), layout="constrained")
     axes = [fig.add_subplot(1, cols, i + 1) for i in range(cols)]
     return fig, axes
 
@@ -44,8 +44,11 @@ def plot_head_heatmaps(result: Mapping[str, Any], path: Path) -> Path:
     rows = len(result["layout"]["attention_layers"])
     fig, axes = _figure(2, width=max(4.0, 0.5 * heads + 2), height=max(2.5, 0.4 * rows + 1.5))
     labels = layer_labels(result["layout"])
+    if not result.get("samples_recovered"):
+        panels[1] = ("copy_paste", "copy-paste (no sample answered)")
     for ax, (key, title) in zip(axes, panels, strict=True):
-        image = ax.imshow(result[key], aspect="auto", cmap="viridis", vmin=0.0)
+        top = max((v for row in result[key] for v in row), default=0.0)
+        image = ax.imshow(result[key], aspect="auto", cmap="viridis", vmin=0.0, vmax=max(top, 1e-3))
         ax.set_title(title)
         ax.set_xlabel("head")
         ax.set_xticks(range(heads))

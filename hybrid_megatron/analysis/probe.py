@@ -154,6 +154,7 @@ def run_probe(
 ) -> Path:
     """`analyze probe`: write probe.json and probe.png to `out`."""
     from hybrid_megatron.analysis.plots import plot_lines
+    from hybrid_megatron.analysis.sharding import analysis_device, is_writer, shard_map
     from hybrid_megatron.eval.models import load_eval_model
 
     if settings.num_classes < 2:
@@ -161,12 +162,15 @@ def run_probe(
     if not 0 < settings.test_fraction < 1:
         raise ConfigError("--test-fraction must be in (0, 1)")
     model, tok, info = load_eval_model(
-        model_path, device, dtype, tokenizer=tokenizer, verify_conversion=verify_conversion
+        model_path,
+        analysis_device(device),
+        dtype,
+        tokenizer=tokenizer,
+        verify_conversion=verify_conversion,
     )
     prompts, labels = probe_prompts(tok, settings)
-    residual, delta = zip(
-        *(last_token_features(model, tok.encode(p)) for p in prompts), strict=True
-    )
+    pairs = shard_map(prompts, lambda p: last_token_features(model, tok.encode(p)))
+    residual, delta = zip(*pairs, strict=True)
     features = {"residual": torch.stack(residual), "delta": torch.stack(delta)}
     rows = probe_layers(features, torch.tensor(labels), settings)
     types = list(getattr(model.config, "layer_types", None) or ["layer"] * len(rows))
@@ -180,6 +184,8 @@ def run_probe(
         "label_counts": [labels.count(c) for c in range(settings.num_classes)],
         "layers": rows,
     }
+    if not is_writer():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(result, indent=1))
     x = [r["layer"] for r in rows]

@@ -36,25 +36,29 @@ class CapSettings:
 
 def loss_by_position(model: Any, sequences: list[list[int]], bin_width: int | None) -> dict:
     """Mean loss and binned loss over `sequences` (eval's perplexity machinery)."""
+    from hybrid_megatron.analysis.sharding import shard_map
     from hybrid_megatron.eval.perplexity import aggregate_ppl, evaluate_sequence
 
-    rows = [{"length": len(s), **evaluate_sequence(model, s, bin_width)} for s in sequences]
+    rows = shard_map(
+        sequences, lambda s: {"length": len(s), **evaluate_sequence(model, s, bin_width)}
+    )
     (agg,) = aggregate_ppl(rows).values()
     return {"loss": agg["loss"], "ppl": agg["ppl"], "bins": agg["bins"]}
 
 
 def task_scores(model: Any, tok: Any, samples: dict[str, list[Any]]) -> dict[str, float]:
     """Greedy generation and RULER scoring per task (score x100)."""
+    from hybrid_megatron.analysis.sharding import shard_map
     from hybrid_megatron.eval.generation import greedy_generate
     from hybrid_megatron.eval.scoring import score_task
 
+    def generate(sample: Any) -> str:
+        (batch,) = greedy_generate(model, tok, [tok.encode(sample.prompt)], sample.max_new_tokens)
+        return batch[0].text
+
     out = {}
     for task, items in samples.items():
-        prompts = [tok.encode(s.prompt) for s in items]
-        preds = [""] * len(items)
-        for batch in greedy_generate(model, tok, prompts, [s.max_new_tokens for s in items]):
-            for g in batch:
-                preds[g.index] = g.text
+        preds = shard_map(items, generate)
         out[task] = score_task(task, preds, [s.outputs for s in items])
     return out
 
@@ -69,6 +73,7 @@ def _measure(model: Any, tok: Any, sequences: list, samples: dict, s: CapSetting
 
 def cap_rows(model: Any, tok: Any, settings: CapSettings) -> list[dict[str, Any]]:
     """The uncapped row, then one row per (target, K)."""
+    from hybrid_megatron.analysis.sharding import is_writer
     from hybrid_megatron.eval.perplexity import PplSequences
     from hybrid_megatron.eval.tasks import generate_samples
 
@@ -107,7 +112,8 @@ def cap_rows(model: Any, tok: Any, settings: CapSettings) -> list[dict[str, Any]
             with capped(model, layers[target], k, settings.sinks):
                 row = _measure(model, tok, sequences, samples, settings)
             rows.append({"target": target, "layers": layers[target], "k": k, **row})
-            print(f"hybrid-megatron analyze cap: {target} K={k} done", flush=True)
+            if is_writer():
+                print(f"hybrid-megatron analyze cap: {target} K={k} done", flush=True)
     return rows
 
 
@@ -169,13 +175,20 @@ def run_cap(
     verify_conversion: bool = True,
 ) -> Path:
     """`analyze cap`: measure MODEL uncapped and capped; write cap.json, cap.md and plots."""
+    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
     from hybrid_megatron.eval.models import load_eval_model
 
     model, tok, info = load_eval_model(
-        model_path, device, dtype, tokenizer=tokenizer, verify_conversion=verify_conversion
+        model_path,
+        analysis_device(device),
+        dtype,
+        tokenizer=tokenizer,
+        verify_conversion=verify_conversion,
     )
     rows = cap_rows(model, tok, settings)
     result = {"model": info.to_dict(), "settings": asdict(settings), "rows": rows}
+    if not is_writer():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "cap.json").write_text(json.dumps(result, indent=1))
     (out / "cap.md").write_text(markdown_table(rows, settings.tasks))

@@ -276,34 +276,42 @@ def needle_samples(tokenizer: Any, settings: RetrievalSettings) -> list[Any]:
 
 
 def score_model(
-    model: Any, tokenizer: Any, samples: list[Any], settings: RetrievalSettings
+    model: Any,
+    tokenizer: Any,
+    samples: list[Any],
+    settings: RetrievalSettings,
+    entropy_queries: int = 0,
 ) -> tuple[dict[str, Any], list[SampleScores]]:
-    """Score every sample with `model`; (summary JSON body, per-sample scores)."""
+    """Score every sample with `model` (sharded over ranks); (summary JSON body, per-sample
+    scores). `entropy_queries` > 0 also measures the attention entropy of the last prompt
+    positions."""
     from hybrid_megatron.analysis.attention_probe import attention_layout
+    from hybrid_megatron.analysis.sharding import shard_map
 
     layout = attention_layout(model)
     if not layout.layers:
         raise ConfigError("the model has no attention layers: it has no heads to score.")
-    scores = []
-    for sample in samples:
+
+    def one(sample: Any) -> SampleScores:
         answers = [answer_variants(tokenizer, a) for a in sample.outputs]
 
-        def recovered(gen: list[int], outputs: list[str] = sample.outputs) -> bool:
+        def recovered(gen: list[int]) -> bool:
             text = tokenizer.decode(gen).lower()
-            return all(o.lower() in text for o in outputs)
+            return all(o.lower() in text for o in sample.outputs)
 
-        scores.append(
-            score_sample(
-                model,
-                tokenizer.encode(sample.prompt),
-                answers,
-                recovered,
-                layout=layout,
-                query_offset=settings.query_offset,
-                max_new_tokens=settings.max_new_tokens,
-                eos_ids=getattr(tokenizer, "eos_ids", ()),
-            )
+        return score_sample(
+            model,
+            tokenizer.encode(sample.prompt),
+            answers,
+            recovered,
+            layout=layout,
+            query_offset=settings.query_offset,
+            max_new_tokens=settings.max_new_tokens,
+            eos_ids=getattr(tokenizer, "eos_ids", ()),
+            entropy_queries=entropy_queries,
         )
+
+    scores = shard_map(samples, one)
     return summarize(scores, layout, settings.top_k, settings.threshold), scores
 
 
@@ -319,10 +327,15 @@ def run_retrieval_heads(
 ) -> Path:
     """`analyze retrieval-heads`: score MODEL, write retrieval_heads.json and .png to `out`."""
     from hybrid_megatron.analysis.plots import plot_head_heatmaps
+    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
     from hybrid_megatron.eval.models import load_eval_model
 
     model, tok, info = load_eval_model(
-        model_path, device, dtype, tokenizer=tokenizer, verify_conversion=verify_conversion
+        model_path,
+        analysis_device(device),
+        dtype,
+        tokenizer=tokenizer,
+        verify_conversion=verify_conversion,
     )
     samples = needle_samples(tok, settings)
     t0 = time.perf_counter()
@@ -333,6 +346,8 @@ def run_retrieval_heads(
         "seconds": round(time.perf_counter() - t0, 2),
         **body,
     }
+    if not is_writer():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrieval_heads.json").write_text(json.dumps(result, indent=1))
     plot_head_heatmaps(result, out / "retrieval_heads.png")

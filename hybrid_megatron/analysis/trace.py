@@ -25,9 +25,8 @@ from hybrid_megatron.analysis.attention_probe import AttentionLayout, attention_
 from hybrid_megatron.analysis.retrieval_heads import (
     RetrievalSettings,
     SampleScores,
-    answer_variants,
     needle_samples,
-    score_sample,
+    score_model,
     summarize,
 )
 from hybrid_megatron.errors import ConfigError
@@ -136,28 +135,7 @@ def _finite(x: float) -> float | None:
 
 
 def _score(model: Any, tok: Any, samples: list[Any], settings: TraceSettings) -> list[SampleScores]:
-    layout = attention_layout(model)
-    out = []
-    for sample in samples:
-
-        def recovered(gen: list[int], outputs: list[str] = sample.outputs) -> bool:
-            text = tok.decode(gen).lower()
-            return all(o.lower() in text for o in outputs)
-
-        out.append(
-            score_sample(
-                model,
-                tok.encode(sample.prompt),
-                [answer_variants(tok, a) for a in sample.outputs],
-                recovered,
-                layout=layout,
-                query_offset=settings.query_offset,
-                max_new_tokens=settings.max_new_tokens,
-                eos_ids=getattr(tok, "eos_ids", ()),
-                entropy_queries=settings.last_queries,
-            )
-        )
-    return out
+    return score_model(model, tok, samples, settings, entropy_queries=settings.last_queries)[1]
 
 
 def run_trace(
@@ -172,13 +150,13 @@ def run_trace(
 ) -> Path:
     """`analyze trace`: write trace.json and trace_*.png for every checkpoint of `run_dir`."""
     from hybrid_megatron.analysis.plots import plot_trace
+    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
     from hybrid_megatron.eval.models import (
         all_checkpoints,
         conversion_dtype,
         default_cache_dir,
         load_eval_model,
         prepare_conversions,
-        resolve_device,
         resolve_dtype,
     )
 
@@ -194,7 +172,8 @@ def run_trace(
                 f"step; its steps are {steps}. Pass one of them or 'first'."
             )
         ref_source = matches[0]
-    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    device = analysis_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     prepare_conversions(
         sources, default_cache_dir(), conversion_dtype(torch_dtype), verify_conversion
     )
@@ -229,7 +208,8 @@ def run_trace(
                 "heads": checkpoint_record(model, scores, heads, reference, layout),
             }
         )
-        print(f"hybrid-megatron analyze trace: step {source.iteration} done", flush=True)
+        if is_writer():
+            print(f"hybrid-megatron analyze trace: step {source.iteration} done", flush=True)
         del model
     result = {
         "run_dir": str(run_dir),
@@ -241,6 +221,8 @@ def run_trace(
         "steps": steps,
         "checkpoints": records,
     }
+    if not is_writer():
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "trace.json").write_text(json.dumps(result, indent=1))
     plot_trace(result, out)

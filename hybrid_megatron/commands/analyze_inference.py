@@ -13,6 +13,7 @@ from hybrid_megatron.commands.analyze_mechanism import (
     _positive,
     add_model_options,
     model_settings,
+    report,
 )
 
 
@@ -50,7 +51,7 @@ def cmd_cap(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = run_cap(args.model, Path(args.out), settings, **model_settings(args))
-    print(f"wrote {out / 'cap.json'}, {out / 'cap.md'} and plots in {out}")
+    report(f"wrote {out / 'cap.json'}, {out / 'cap.md'} and plots in {out}")
     return 0
 
 
@@ -69,7 +70,7 @@ def cmd_grad_distance(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = run_grad_distance(args.model, Path(args.out), settings, **model_settings(args))
-    print(f"wrote {out / 'grad_distance.json'} and {out / 'grad_distance.png'}")
+    report(f"wrote {out / 'grad_distance.json'} and {out / 'grad_distance.png'}")
     return 0
 
 
@@ -89,7 +90,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = run_probe(args.model, Path(args.out), settings, **model_settings(args))
-    print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    report(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
     return 0
 
 

@@ -14,6 +14,13 @@ from __future__ import annotations
 import argparse
 
 from hybrid_megatron.errors import ConfigError
+from hybrid_megatron.procenv import is_rank0
+
+
+def report(message: str) -> None:
+    """Print once per job (rank 0)."""
+    if is_rank0():
+        print(message)
 
 
 def _length(text: str) -> int:
@@ -85,7 +92,7 @@ def cmd_retrieval_heads(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     out = run_retrieval_heads(args.model, Path(args.out), settings, **model_settings(args))
-    print(f"wrote {out / 'retrieval_heads.json'} and {out / 'retrieval_heads.png'}")
+    report(f"wrote {out / 'retrieval_heads.json'} and {out / 'retrieval_heads.png'}")
     return 0
 
 
@@ -109,7 +116,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     out = run_trace(Path(args.run_dir), Path(args.out), settings, **model_settings(args))
-    print(f"wrote {out / 'trace.json'} and plots in {out}")
+    report(f"wrote {out / 'trace.json'} and plots in {out}")
     return 0
 
 

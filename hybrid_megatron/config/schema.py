@@ -196,6 +196,11 @@ class TrainConfig:
     # data-parallel worker processes of one thread each (null: one per CPU core, as many as
     # the batch layout allows). 1 trains in the process itself.
     cpu_processes: int | None = None
+    # Every N steps (and at the end): the attention-mass retrieval score of every
+    # full-attention head on a fixed probe set of held-out recall documents, logged to
+    # metrics.jsonl / TensorBoard as "retrieval" rows (0: off). See analysis/monitor.py.
+    retrieval_monitor_interval: int = 0
+    retrieval_monitor_prompts: int = 16
 
 
 @dataclass

@@ -138,9 +138,21 @@ def validate_training(cfg: RunConfig) -> None:
     _positive("train.cpu_processes", t.cpu_processes, allow_none=True)
     _positive("after_training.eval_batch_size", cfg.after_training.eval_batch_size)
     _positive("checkpoint.keep_last", c.keep_last, allow_none=True)
-    for name in ("eval_interval",):
+    for name in ("eval_interval", "retrieval_monitor_interval"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0 (0 disables), got {getattr(t, name)}.")
+    if t.retrieval_monitor_interval:
+        _positive("train.retrieval_monitor_prompts", t.retrieval_monitor_prompts)
+        if "*" not in cfg.model.pattern:
+            raise ConfigError(
+                "train.retrieval_monitor_interval scores full-attention heads but model.pattern "
+                f"{cfg.model.pattern!r} has none ('*'); set it to 0."
+            )
+        if cfg.parallel.context > 1:
+            raise ConfigError(
+                "train.retrieval_monitor_interval does not support context parallelism "
+                "(parallel.context > 1); set it to 0."
+            )
     if c.interval < 0:
         raise ConfigError(f"checkpoint.interval must be >= 0 (0: end only), got {c.interval}.")
     if t.global_batch_size % t.micro_batch_size:

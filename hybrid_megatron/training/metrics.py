@@ -4,7 +4,9 @@ TensorBoard scalars under `run_dir/tensorboard/`.
 Train rows: {"step", "split": "train", "consumed_samples", "tokens", "loss", "lr",
 "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "mem_gb", "elapsed_s"} with null
 for unknown values (`mfu` is a fraction; NaN/inf are written as null so every line is
-strict JSON). Validation rows: {"step", "split": "valid", "loss", "ppl"}.
+strict JSON). Validation rows: {"step", "split": "valid", "loss", "ppl"}. Retrieval-monitor
+rows (`train.retrieval_monitor_interval`): {"step", "split": "retrieval", ...}, see
+`hybrid_megatron/analysis/monitor.py`.
 
 On resume call `truncate_after(resumed_step)` before logging: rows an interrupted run wrote
 after its last checkpoint are dropped (atomically), and TensorBoard purges them too.

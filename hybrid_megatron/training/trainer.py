@@ -21,6 +21,7 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from hybrid_megatron import distributed, procenv
+from hybrid_megatron.analysis.monitor import retrieval_monitor
 from hybrid_megatron.checkpoint.layout import CheckpointInfo, iter_dir_name, resolve_checkpoint
 from hybrid_megatron.checkpoint.retention import resume_point
 from hybrid_megatron.checkpoint.training_state import (
@@ -282,6 +283,7 @@ def _train_locked(
         run_dir=run_dir, start_iteration=progress.iteration, iteration=progress.iteration
     )
     log = _StepLogger(cfg, run_dir, device, bf16, progress.iteration)
+    monitor = retrieval_monitor(cfg, run_dir, chunks, device)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     steps_this_run = 0
     if progress.iteration < t.steps:
@@ -338,6 +340,8 @@ def _train_locked(
                 vloss = evaluate(cfg, chunks, datasets.valid, num_micro, device)
                 result.valid_losses[progress.iteration] = vloss
                 log.valid(progress.iteration, vloss)
+            if monitor is not None:
+                monitor.maybe_log(progress.iteration, log.writer)
             stopping = stop.agreed(device)
             exit_now = t.exit_after_steps is not None and steps_this_run >= t.exit_after_steps
             periodic = cfg.checkpoint.interval and progress.iteration % cfg.checkpoint.interval == 0
