@@ -498,6 +498,11 @@ INVALID = {
         r"seq_length=100 must be divisible by tensor\*context=8 with sequence parallelism",
         None,
     ),
+    "retrieval-monitor-under-cp": (
+        {"train.retrieval_monitor_interval": 5, "parallel.context": 2},
+        r"retrieval_monitor_interval does not support context parallelism",
+        None,
+    ),
     "world-size-smaller-than-cp": (
         {"parallel.context": 2},
         r"world size 1 is not divisible by tensor\*pipeline\*context = 2; launch a multiple of 2",
