@@ -147,6 +147,21 @@ def test_swa_halo_sends_the_window_not_the_sequence(cp2):
     assert full == 48 // 2 * row  # all-gather: (cp-1) x local K/V
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_measured_halo_traffic_equals_the_plan(world, request):
+    """Every SWA case, every rank: sent rows = the plan's cross-rank rows (a window above the
+    chunk included), the number `info` and the benchmark report."""
+    from hybrid_megatron.context_parallel.plan import halo_rows_sent
+
+    cases = ATTENTION_CASES if world == 2 else ATTENTION_CASES_CP4
+    row = B * HKV * D * 2
+    for rank, (attention, _) in enumerate(request.getfixturevalue(f"cp{world}")):
+        for (seq, window, _), result in zip(cases, attention):
+            if window is not None:
+                rows = halo_rows_sent(world, seq // (2 * world), window - 1)[rank]
+                assert result["sent"] == {"swa.forward": rows * row, "swa.backward": rows * row}
+
+
 ATTENTION_CASES_CP4 = [(64, None, "sdpa"), (64, 3, "sdpa"), (64, 21, "sdpa")]  # halo 20: 3 chunks
 
 
