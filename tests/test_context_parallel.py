@@ -66,6 +66,21 @@ def test_halo_plan_covers_exactly_the_rows_before_each_chunk(cp, c, halo):
         assert rows == list(range(max(0, k * c - halo), k * c))
 
 
+def test_a_rank_sends_at_most_two_halos():
+    """Whatever the chunk and window (also windows spanning many chunks), the busiest rank
+    sends at most 2 x (W-1) rows per SWA layer: O(W), never O(sequence)."""
+    from hybrid_megatron.context_parallel.plan import halo_rows_sent
+
+    for cp in (2, 3, 4, 8):
+        for c in (1, 2, 5, 16, 64):
+            for halo in (1, 3, 7, 15, 31, 100, 127):
+                sent = halo_rows_sent(cp, c, halo)
+                assert max(sent) <= 2 * halo, (cp, c, halo)
+                # ... and every row a chunk's halo needs is sent or copied exactly once
+                total = sum(min(halo, k * c) for k in range(2 * cp))
+                assert sum(t.rows for t in halo_plan(cp, c, halo)) == total
+
+
 # --------------------------------------------------------------------------- distributed
 def _world():
     import torch.distributed as dist
