@@ -21,6 +21,7 @@ from hybrid_megatron.errors import (
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the compiled layer plan, pipeline split and parameter counts of a config."""
     from hybrid_megatron.config import load_config
+    from hybrid_megatron.context_parallel.plan import describe as describe_context_parallel
     from hybrid_megatron.model.params import count_params, layer_params
     from hybrid_megatron.pattern import compile_pattern
     from hybrid_megatron.training.progress import format_count
@@ -34,6 +35,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"parallel     tp={p.tensor} pp={p.pipeline} cp={p.context} "
         f"vpp={p.virtual_pipeline or 1} sp={p.sequence_parallel}"
     )
+    for line in describe_context_parallel(m, p):
+        print(line)
     print(f"{'layer':>5}  {'stage':>5}  {'kind':<22} {'window':>6}  {'rope':<14} params")
     names = {
         "M": "mamba2",
@@ -111,13 +114,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if (
         ps.is_pipeline_last_stage()
         and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
         and (ps.get_data_parallel_rank() == 0)
     ):
         best = min(times)
         print(
             f"check ok: device={device.type} world={dist.get_world_size()} "
-            f"tp={cfg.parallel.tensor} "
-            f"pp={cfg.parallel.pipeline} dp={dp} | build {build_s:.2f}s | loss {loss:.4f} | "
+            f"tp={cfg.parallel.tensor} pp={cfg.parallel.pipeline} "
+            f"cp={cfg.parallel.context} dp={dp} | build {build_s:.2f}s | loss {loss:.4f} | "
             f"fwd+bwd {best:.3f}s for {tokens} tokens ({tokens / best:,.0f} tokens/s)"
         )
     distributed.destroy()

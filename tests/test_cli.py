@@ -32,6 +32,23 @@ def test_check_runs_forward_backward():
     assert "check ok: device=cpu" in out.stdout
 
 
+def test_info_and_check_show_the_context_parallel_layout():
+    out = _cli("info", "configs/tiny.yaml", "--set", "parallel.context=2")
+    assert out.returncode == 0, out.stderr
+    assert "4 chunks of 64 tokens; CP rank r holds chunks r and 3-r" in out.stdout
+    assert "halo of 31 tokens per chunk" in out.stdout
+    # A CP layout needs its processes: refused before any process group starts.
+    bad = _cli("check", "configs/tiny.yaml", "--set", "parallel.context=2")
+    assert bad.returncode == 2
+    assert "world size 1 is not divisible by tensor*pipeline*context = 2" in bad.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "hybrid_megatron.cli", "check", "configs/tiny.yaml", "--steps", "1",
+           "--set", "parallel.context=2"]  # fmt: skip
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("check ok: device=cpu world=2 tp=1 pp=1 cp=2 dp=1") == 1
+
+
 def test_config_error_exits_2_with_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  pattern: 'M-X-'\n")

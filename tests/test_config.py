@@ -335,12 +335,7 @@ INVALID = {
     ),
     "mamba-heads-not-divisible-by-tp": (
         {"model.mamba.num_heads": 6, "parallel.tensor": 4},
-        r"Mamba heads \(6\) are not divisible by parallel\.tensor \* parallel\.context = 4",
-        None,
-    ),
-    "mamba-heads-not-divisible-by-tp-cp": (
-        {"parallel.tensor": 2, "parallel.context": 8},  # 8 mamba heads, tp*cp = 16
-        r"Mamba heads \(8\) are not divisible by parallel\.tensor \* parallel\.context = 16",
+        r"Mamba heads \(6\) are not divisible by parallel\.tensor=4; tensor parallelism",
         None,
     ),
     "window-zero": ({"model.swa.window": 0}, r"model\.swa\.window must be a positive.*got 0", None),
@@ -484,8 +479,34 @@ INVALID = {
     ),
     "seq-not-divisible-by-2cp": (
         {"model.seq_length": 100, "parallel.context": 4, "model.mamba.num_heads": 4},
-        r"seq_length=100 must be divisible by 2 \* parallel\.context = 8",
+        r"seq_length=100 must be divisible by 2 \* parallel\.context = 8 .*model\.seq_length=96",
         None,
+    ),
+    "seq-shorter-than-2cp-chunks": (
+        {"model.seq_length": 4, "parallel.context": 4},
+        r"seq_length=4 must be divisible by 2 \* parallel\.context = 8 .*model\.seq_length=8",
+        None,
+    ),
+    "sequence-parallel-seq-not-divisible-by-tp-cp": (
+        {
+            "model.seq_length": 100,
+            "parallel.tensor": 4,
+            "parallel.context": 2,
+            "parallel.sequence_parallel": True,
+            "model.mamba.num_groups": 4,
+        },
+        r"seq_length=100 must be divisible by tensor\*context=8 with sequence parallelism",
+        None,
+    ),
+    "retrieval-monitor-under-cp": (
+        {"train.retrieval_monitor_interval": 5, "parallel.context": 2},
+        r"retrieval_monitor_interval does not support context parallelism",
+        None,
+    ),
+    "world-size-smaller-than-cp": (
+        {"parallel.context": 2},
+        r"world size 1 is not divisible by tensor\*pipeline\*context = 2; launch a multiple of 2",
+        1,
     ),
     "zero-tensor": ({"parallel.tensor": 0}, r"parallel\.tensor must be a positive number", None),
     "zero-virtual-pipeline": (
@@ -555,6 +576,15 @@ def test_valid_world_sizes():
     make_cfg(tp2, world_size=8)
     make_cfg({**tp2, "parallel.pipeline": 2, "parallel.context": 2}, world_size=16)
     make_cfg({"parallel.pipeline": 3, "model.pattern": "M-S-*-"}, world_size=3)
+
+
+def test_context_parallel_does_not_split_mamba_heads():
+    """CP passes Mamba states between ranks: 8 heads serve TP=2 x CP=8 (Megatron-Core's
+    all-to-all scheme would need heads divisible by 16)."""
+    cfg = make_cfg(
+        {"parallel.tensor": 2, "parallel.context": 8, "model.mamba.num_groups": 2}, world_size=16
+    )
+    assert cfg.model.mamba_num_heads == 8
 
 
 def test_config_error_is_value_error():
@@ -760,8 +790,27 @@ def test_base_config_is_merged_and_cycles_are_refused(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_long_context_extension_configs_state_context_parallelism():
+    from hybrid_megatron.config import load_config
+
+    for name, seq, cp in (("extend16k", 16384, 2), ("extend32k", 32768, 4)):
+        cfg = load_config(REPO_ROOT / "configs" / "paper" / f"s4_swa128_nope_{name}.yaml")
+        assert (cfg.model.seq_length, cfg.parallel.context) == (seq, cp)
+        assert cfg.train.init_from == "runs/s4_swa128_nope"
+        cfg.validate(world_size=8)  # one 8-GPU node
+        with pytest.raises(ConfigError, match="world size 1 is not divisible"):
+            cfg.validate(world_size=1)
+
+
 @pytest.mark.parametrize(
-    "name", ["s1_full", "s4_swa128_nope", "1b_mamba2", "s4_swa128_nope_extend16k"]
+    "name",
+    [
+        "s1_full",
+        "s4_swa128_nope",
+        "1b_mamba2",
+        "s4_swa128_nope_extend16k",
+        "s4_swa128_nope_extend32k",
+    ],
 )
 def test_paper_configs_ask_for_a_tokenizer_instead_of_falling_back_to_bytes(name):
     from hybrid_megatron.config import load_config, validate_data_source

@@ -62,6 +62,7 @@ def parallel_layout() -> dict:
     return {
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
         "data": parallel_state.get_data_parallel_world_size(),
         "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
     }
@@ -90,21 +91,17 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_sharded_object(state: dict | None) -> ShardedObject:
     """One RNG entry per (pipeline, tensor) rank; data-parallel ranks are replicas of it...
-    except that their states may differ, so each DP rank is its own shard too."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    dp = parallel_state.get_data_parallel_world_size()
-    return ShardedObject(
-        "rng_state",
-        state,
-        (pp, tp, dp),
-        (
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-        ),
-        replica_id=0,
-    )
+    except that their states may differ, so each DP rank is its own shard too, and so is each
+    context-parallel rank (a CP axis only when CP > 1, so CP=1 checkpoints keep their keys)."""
+    ps = parallel_state
+    shape = [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()]
+    offset = [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()]
+    if ps.get_context_parallel_world_size() > 1:
+        shape.append(ps.get_context_parallel_world_size())
+        offset.append(ps.get_context_parallel_rank())
+    shape.append(ps.get_data_parallel_world_size())
+    offset.append(ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, tuple(shape), tuple(offset), replica_id=0)
 
 
 def _state_dict(
@@ -239,7 +236,7 @@ def load_training_checkpoint(
     """
     marker = read_marker(info.path)
     saved_layout = marker.get("layout", {})
-    same_layout = saved_layout == parallel_layout()
+    same_layout = {"context": 1, **saved_layout} == parallel_layout()  # older: no "context"
     saved_format = marker.get("optimizer_format", cfg.checkpoint.optimizer_format)
     mp_keys = ("tensor", "pipeline", "virtual_pipeline")
     model_parallel_changed = any(saved_layout.get(k) != parallel_layout()[k] for k in mp_keys)

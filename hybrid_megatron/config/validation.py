@@ -92,10 +92,13 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: int | None)
             "use more KV groups or less tensor parallelism."
         )
     if "M" in m.pattern:
-        if m.mamba_num_heads % (tp * cp):
+        # Context parallelism passes Mamba states between ranks (it does not split heads, as
+        # Megatron-Core's all-to-all does), so only tensor parallelism constrains the heads.
+        if m.mamba_num_heads % tp:
             raise ConfigError(
-                f"Mamba heads ({m.mamba_num_heads}) are not divisible by parallel.tensor * "
-                f"parallel.context = {tp * cp}; Mamba tensor/context parallelism splits heads."
+                f"Mamba heads ({m.mamba_num_heads}) are not divisible by parallel.tensor={tp}; "
+                "tensor parallelism splits Mamba heads (change model.mamba.head_dim / num_heads "
+                "or parallel.tensor)."
             )
         if m.mamba.num_groups % tp:
             raise ConfigError(
@@ -105,9 +108,11 @@ def validate_parallel(m: ModelConfig, p: ParallelConfig, world_size: int | None)
     if p.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
     if cp > 1 and m.seq_length % (2 * cp):
+        fit = 2 * cp * max(1, round(m.seq_length / (2 * cp)))
         raise ConfigError(
             f"model.seq_length={m.seq_length} must be divisible by 2 * parallel.context = {2 * cp} "
-            "(context parallelism splits each sequence into 2*cp load-balanced chunks)."
+            "(context parallelism splits each sequence into 2*cp load-balanced chunks); use "
+            f"e.g. model.seq_length={fit} or another parallel.context."
         )
     if p.sequence_parallel and m.seq_length % (tp * cp):
         raise ConfigError(

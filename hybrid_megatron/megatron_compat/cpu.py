@@ -12,8 +12,9 @@ Megatron-Core assumes CUDA in a few places. This module is the one place that ha
 4. `Tensor.cuda()` returns the tensor itself (Megatron moves the tied output embedding to
    CUDA before all-reducing it between the first and last pipeline stage).
 5. Modules that allocate with a literal `device="cuda"` (the pipeline schedules' token
-   counters, checkpoint save/load helpers, the optimizer's grad-norm and found-inf buffers)
-   see a `torch` whose factory functions map that device to CPU.
+   counters, checkpoint save/load helpers, the optimizer's grad-norm and found-inf buffers,
+   the context-parallel rotary slice, which also asks for pinned memory) see a `torch` whose
+   factory functions map that device to CPU and drop `pin_memory`.
 6. `cuda_tensor_type_names()`: Megatron's optimizer checks `param.type()` against
    'torch.cuda.FloatTensor'; inside this context (used only around optimizer construction
    and `step`) CPU tensors report the CUDA type name.
@@ -74,6 +75,7 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
 )
 
 
@@ -93,6 +95,7 @@ def _torch_with_cpu_factories() -> types.ModuleType:
         def factory(*args, _fn=fn, **kwargs):
             if "device" in kwargs:
                 kwargs["device"] = _cpu_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)  # needs an accelerator
             return _fn(*args, **kwargs)
 
         setattr(proxy, name, factory)

@@ -65,7 +65,9 @@ def build_model(
             "MoE layers ('E') need Transformer Engine: megatron-core 0.16's MoE router calls TE "
             "kernels. Install the gpu extra on a CUDA host or use '-' (dense MLP) instead."
         )
-    spec = hybrid_stack_spec(linear_backend, cfg.model.num_moe_experts)
+    spec = hybrid_stack_spec(
+        linear_backend, cfg.model.num_moe_experts, context_parallel=cfg.parallel.context > 1
+    )
     spec = ModuleSpec(
         module=spec.module,
         submodules=spec.submodules,

@@ -8,6 +8,9 @@ computes with `hybrid_megatron.kernels`: mamba-ssm's kernels when installed and 
 else the pure-torch chunked SSD.
 
 in_proj output per TP rank: [z (d_inner), x (d_inner), B (g*n), C (g*n), dt (heads)].
+
+Under context parallelism the conv and the scan run through `context_parallel.mamba` (conv
+halo + SSM state passing, exact; heads are not split over CP ranks).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from megatron.core.transformer.utils import (
 )
 from torch import nn
 
+from hybrid_megatron.context_parallel.mamba import context_parallel_conv, context_parallel_ssd
 from hybrid_megatron.kernels.mamba_ops import causal_conv1d
 from hybrid_megatron.kernels.ssd import select_ssd_impl
 from hybrid_megatron.model.norm import GatedRMSNorm
@@ -92,6 +96,7 @@ class HybridMambaMixer(MegatronModule):
         self.config = config
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.layer_number = layer_number
         self.d_model = d_model
         self.d_state = config.mamba_state_dim
@@ -218,9 +223,16 @@ class HybridMambaMixer(MegatronModule):
     def ssm(self, xBC: torch.Tensor, dt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Conv + SSD + gated norm on [b, l, *] tensors; returns y [b, l, d_inner_local]."""
         b, l, _ = xBC.shape
-        xBC = causal_conv1d(
-            xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu"
-        ).transpose(1, 2)
+        cp = self.cp_group is not None and self.cp_group.size() > 1
+        weight = self.conv1d.weight.squeeze(1)
+
+        def conv(x: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+            return causal_conv1d(x, weight, self.conv1d.bias, "silu", initial_state=initial)
+
+        if cp:
+            xBC = context_parallel_conv(xBC, conv, self.d_conv, self.cp_group)
+        else:
+            xBC = conv(xBC.transpose(1, 2)).transpose(1, 2)
         x, B, C = torch.split(
             xBC,
             [
@@ -231,17 +243,20 @@ class HybridMambaMixer(MegatronModule):
             dim=-1,
         )
         ssd = select_ssd_impl(self.config.kernel_mamba_backend)
-        y = ssd(
+        args = (
             x.reshape(b, l, self.nheads_local_tp, self.headdim),
             dt,
             -torch.exp(self.A_log.float()),
             B.reshape(b, l, self.ngroups_local_tp, self.d_state),
             C.reshape(b, l, self.ngroups_local_tp, self.d_state),
             self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
         )
+        if cp:
+            y = context_parallel_ssd(
+                ssd, *args, D=self.D, dt_bias=self.dt_bias, group=self.cp_group
+            )
+        else:
+            y = ssd(*args, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         return self.norm(y.reshape(b, l, -1), z)
 
     def forward(

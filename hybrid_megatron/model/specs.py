@@ -6,6 +6,9 @@ Two families, chosen by `select_linear_backend`:
   (CPU, or GPU without TE). Parameter names are mapped to TE's in checkpoints
   (`sharded_state_dict_keys_map`), so a checkpoint saved with one loads with the other.
 The Mamba mixer is always `HybridMambaMixer` (mamba-ssm kernels are chosen inside it).
+Under context parallelism both families use `HybridCoreAttention`, whose CP path wraps the
+local kernel (flash-attn on GPU) the same way on every backend; TE's own CP is not used (its
+p2p ring refuses sliding windows).
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def select_linear_backend(attention_backend: str, on_cuda: bool) -> str:
     return "local"
 
 
-def hybrid_stack_spec(linear_backend: str, num_moe_experts: int | None = None) -> ModuleSpec:
+def hybrid_stack_spec(
+    linear_backend: str, num_moe_experts: int | None = None, context_parallel: bool = False
+) -> ModuleSpec:
     """The stack spec for `linear_backend` in ('local', 'te')."""
     if linear_backend == "te":
         from megatron.core.extensions.transformer_engine import (
@@ -80,6 +85,8 @@ def hybrid_stack_spec(linear_backend: str, num_moe_experts: int | None = None) -
         )
         final_norm, in_proj = TENorm, TELayerNormColumnParallelLinear
         keys_attn, keys_mlp, keys_mamba = {}, {}, {}
+        if context_parallel:
+            core = HybridCoreAttention
     else:
         norm, qkv, fc1, core, row = (
             RMSNorm,

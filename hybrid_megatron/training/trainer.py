@@ -201,11 +201,6 @@ def evaluate(cfg: RunConfig, chunks, valid_ds, num_micro: int, device: torch.dev
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the pretraining job described by `cfg` on this rank."""
     t = cfg.train
-    if cfg.parallel.context > 1:
-        raise ConfigError(
-            "parallel.context > 1 is not supported for training yet (the local attention kernels "
-            "have no context-parallel path); use tensor/pipeline/data parallelism."
-        )
     cfg.validate()
     validate_data_source(cfg)
     check_environment(cfg, procenv.world_size())
