@@ -24,6 +24,14 @@ CLAIMS = {
 }
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (reports are shared)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _read(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -133,8 +141,8 @@ def collect(study: StudyConfig, out: Path) -> dict[str, Any]:
         runs.append(info)
     return {
         "study": study.name,
-        "config": str(study.path),
-        "base": str(study.base),
+        "config": _shown(study.path),
+        "base": _shown(study.base),
         "seeds": study.seeds,
         "emergence_score": level,
         "head_threshold": thr,
