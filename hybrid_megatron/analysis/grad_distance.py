@@ -86,19 +86,12 @@ def run_grad_distance(
 ) -> Path:
     """`analyze grad-distance`: write grad_distance.json and grad_distance.png to `out`."""
     from hybrid_megatron.analysis.plots import plot_lines
-    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
-    from hybrid_megatron.eval.models import load_eval_model
+    from hybrid_megatron.analysis.sharding import is_writer, load_analysis_model
     from hybrid_megatron.eval.perplexity import PplSequences
 
     if settings.last_n < 1 or settings.num_sequences < 1:
         raise ConfigError("--last-n and --num-sequences must be >= 1")
-    model, tok, info = load_eval_model(
-        model_path,
-        analysis_device(device),
-        dtype,
-        tokenizer=tokenizer,
-        verify_conversion=verify_conversion,
-    )
+    model, tok, info = load_analysis_model(model_path, device, dtype, tokenizer, verify_conversion)
     data = PplSequences(tok, settings.data, seed=settings.seed)
     sequences = [data.get(settings.length, i) for i in range(settings.num_sequences)]
     if any(s is None for s in sequences):

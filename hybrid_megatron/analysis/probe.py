@@ -154,20 +154,17 @@ def run_probe(
 ) -> Path:
     """`analyze probe`: write probe.json and probe.png to `out`."""
     from hybrid_megatron.analysis.plots import plot_lines
-    from hybrid_megatron.analysis.sharding import analysis_device, is_writer, shard_map
-    from hybrid_megatron.eval.models import load_eval_model
+    from hybrid_megatron.analysis.sharding import (
+        is_writer,
+        load_analysis_model,
+        shard_map,
+    )
 
     if settings.num_classes < 2:
         raise ConfigError("--num-classes must be >= 2")
     if not 0 < settings.test_fraction < 1:
         raise ConfigError("--test-fraction must be in (0, 1)")
-    model, tok, info = load_eval_model(
-        model_path,
-        analysis_device(device),
-        dtype,
-        tokenizer=tokenizer,
-        verify_conversion=verify_conversion,
-    )
+    model, tok, info = load_analysis_model(model_path, device, dtype, tokenizer, verify_conversion)
     prompts, labels = probe_prompts(tok, settings)
     pairs = shard_map(prompts, lambda p: last_token_features(model, tok.encode(p)))
     residual, delta = zip(*pairs, strict=True)

@@ -175,16 +175,9 @@ def run_cap(
     verify_conversion: bool = True,
 ) -> Path:
     """`analyze cap`: measure MODEL uncapped and capped; write cap.json, cap.md and plots."""
-    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
-    from hybrid_megatron.eval.models import load_eval_model
+    from hybrid_megatron.analysis.sharding import is_writer, load_analysis_model
 
-    model, tok, info = load_eval_model(
-        model_path,
-        analysis_device(device),
-        dtype,
-        tokenizer=tokenizer,
-        verify_conversion=verify_conversion,
-    )
+    model, tok, info = load_analysis_model(model_path, device, dtype, tokenizer, verify_conversion)
     rows = cap_rows(model, tok, settings)
     result = {"model": info.to_dict(), "settings": asdict(settings), "rows": rows}
     if not is_writer():

@@ -327,16 +327,9 @@ def run_retrieval_heads(
 ) -> Path:
     """`analyze retrieval-heads`: score MODEL, write retrieval_heads.json and .png to `out`."""
     from hybrid_megatron.analysis.plots import plot_head_heatmaps
-    from hybrid_megatron.analysis.sharding import analysis_device, is_writer
-    from hybrid_megatron.eval.models import load_eval_model
+    from hybrid_megatron.analysis.sharding import is_writer, load_analysis_model
 
-    model, tok, info = load_eval_model(
-        model_path,
-        analysis_device(device),
-        dtype,
-        tokenizer=tokenizer,
-        verify_conversion=verify_conversion,
-    )
+    model, tok, info = load_analysis_model(model_path, device, dtype, tokenizer, verify_conversion)
     samples = needle_samples(tok, settings)
     t0 = time.perf_counter()
     body, _ = score_model(model, tok, samples, settings)

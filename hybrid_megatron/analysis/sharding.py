@@ -40,6 +40,25 @@ def analysis_device(device: str | torch.device | None) -> torch.device:
     return resolve_device(device, ranks()[2])
 
 
+def load_analysis_model(
+    model_path: str,
+    device: str,
+    dtype: str | None,
+    tokenizer: str | None,
+    verify_conversion: bool,
+) -> tuple:
+    """`eval`'s model loading on this rank's device: (model, tokenizer, EvalModelInfo)."""
+    from hybrid_megatron.eval.models import load_eval_model
+
+    return load_eval_model(
+        model_path,
+        analysis_device(device),
+        dtype,
+        tokenizer=tokenizer,
+        verify_conversion=verify_conversion,
+    )
+
+
 def _group() -> None:
     if dist.is_initialized():
         return
