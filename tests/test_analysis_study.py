@@ -122,6 +122,41 @@ def test_report_states_emergence_and_compares_windows(tmp_path):
     assert (out / "plots" / "score_vs_step_passkey.png").is_file()
 
 
+def test_report_with_two_seeds_pairs_them_and_says_whether_they_agree(tmp_path):
+    body = (
+        "seeds: [0, 1]\n"
+        "variants:\n"
+        "  small: {set: [model.pattern=S-*-, model.swa.window=8]}\n"
+        "  large: {set: [model.pattern=S-*-, model.swa.window=64]}\n"
+        "eval: {emergence_score: 50}\n"
+    )
+    study = load_study(_study_file(tmp_path, body))
+    out = tmp_path / "out"
+    # heads: later with the large window in both seeds; passkey: earlier with the large
+    # window in seed 0, later in seed 1
+    _fake_stage_outputs(out, "small_s0", {100: 0.0, 200: 10.0}, {100: 0.3, 200: 0.5})
+    _fake_stage_outputs(out, "large_s0", {100: 60.0, 200: 70.0}, {100: 0.0, 200: 0.2})
+    _fake_stage_outputs(out, "small_s1", {100: 80.0, 200: 90.0}, {100: 0.05, 200: 0.4})
+    _fake_stage_outputs(out, "large_s1", {100: 0.0, 200: 0.0}, {100: 0.0, 200: 0.0})
+    write_report(study, out)
+    text = (out / "report.md").read_text()
+    across = text[text.index("## Across seeds") : text.index("## What it shows")]
+    assert "| variant | passkey emerges at (s0 / s1) | retrieval heads emerge at (s0 / s1) |" in (
+        across
+    )
+    assert "| small | > 300 / 100 | 100 / 200 | 10.0 / 90.0 |" in across  # 300: the run's steps
+    assert "| large | 100 / > 300 | 200 / > 300 | 70.0 / 0.0 |" in across
+    assert (
+        "NoPE full attention, retrieval heads with window 64 vs window 8: later (seed 0), "
+        "later (seed 1); the same in every seed." in across
+    )
+    assert (
+        "NoPE full attention, passkey with window 64 vs window 8: earlier (seed 0), "
+        "later (seed 1); seeds disagree." in across
+    )
+    assert "One seed only" not in text
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "quick"

@@ -160,19 +160,26 @@ def _emerge(r: dict, what: str) -> int | None:
     return r["heads"]["heads_emerge_step"] if what == "heads" else r["emerge_step"].get(what)
 
 
+def _order(a: dict, b: dict, what: str) -> str:
+    """When `what` emerged in run a relative to run b: earlier, later, same or neither."""
+    sa, sb = _emerge(a, what), _emerge(b, what)
+    if sa is None and sb is None:
+        return "neither"
+    x, y = (sa if sa is not None else math.inf), (sb if sb is not None else math.inf)
+    return "same" if x == y else ("earlier" if x < y else "later")
+
+
 def _relation(a: dict, b: dict, what: str, a_label: str, b_label: str) -> str:
     """One sentence comparing when `what` (a task or 'heads') emerged in run a and run b."""
     label = "retrieval heads" if what == "heads" else what
     sa, sb = _emerge(a, what), _emerge(b, what)
-    if sa is None and sb is None:
+    order = _order(a, b, what)
+    if order == "neither":
         return f"{label} emerged neither with {a_label} nor with {b_label} within the run"
-    inf = math.inf
-    x, y = (sa if sa is not None else inf), (sb if sb is not None else inf)
-    if x == y:
+    if order == "same":
         return f"{label} emerged at the same checkpoint (step {sa}) with {a_label} and {b_label}"
-    word = "earlier" if x < y else "later"
     return (
-        f"{label} emerged {word} with {a_label} (step {_step(sa, a['steps'])}) than with "
+        f"{label} emerged {order} with {a_label} (step {_step(sa, a['steps'])}) than with "
         f"{b_label} (step {_step(sb, b['steps'])})"
     )
 
@@ -185,48 +192,57 @@ def _ranking(rs: list[dict], what: str) -> str:
     return f"{label} emerged: " + "; ".join(parts)
 
 
+def _pairs(rs: list[dict], tasks: list[str]) -> list[tuple[str, dict, dict, str, str, list]]:
+    """The paired runs of one seed the claims compare: (context, a, b, a label, b label,
+    what to compare). Large vs small window at each full-attention RoPE setting (retrieval
+    heads first, where traced), and NoPE vs RoPE at each window."""
+    swa = [r for r in rs if r["family"] == "swa"]
+    windows = sorted({r["window"] for r in swa})
+    pairs = []
+    for rope in (True, False):
+        grp = {r["window"]: r for r in swa if r["full_rope"] == rope}
+        if len(windows) < 2 or windows[0] not in grp or windows[-1] not in grp:
+            continue
+        small, large = grp[windows[0]], grp[windows[-1]]
+        whats = (["heads"] if small["heads"] and large["heads"] else []) + tasks
+        pairs.append((f"{'RoPE' if rope else 'NoPE'} full attention", large, small,
+                      f"window {large['window']}", f"window {small['window']}", whats))  # fmt: skip
+    for w in windows:
+        pair = {r["full_rope"]: r for r in swa if r["window"] == w}
+        if True in pair and False in pair:
+            pairs.append((f"window {w}", pair[False], pair[True], "NoPE", "RoPE", tasks))
+    return pairs
+
+
+def _by_seed(runs: list[dict]) -> dict[int, list[dict]]:
+    by_seed: dict[int, list[dict]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(r)
+    return dict(sorted(by_seed.items()))
+
+
 def findings(data: dict[str, Any]) -> list[str]:
     """Plain statements about the paired variants the study has, per seed."""
     runs, lines = data["runs"], []
     tasks = sorted({t for r in runs for t in r["scores"]})
-    by_seed: dict[int, list[dict]] = {}
-    for r in runs:
-        by_seed.setdefault(r["seed"], []).append(r)
-    for seed, rs in sorted(by_seed.items()):
+    for seed, rs in _by_seed(runs).items():
         for t in tasks:
             lines.append(f"seed {seed}: {_ranking(rs, t)}.")
         if all(r["heads"] for r in rs):
             lines.append(f"seed {seed}: {_ranking(rs, 'heads')}.")
-        swa = [r for r in rs if r["family"] == "swa"]
-        windows = sorted({r["window"] for r in swa})
-        for rope in (True, False):
-            grp = {r["window"]: r for r in swa if r["full_rope"] == rope}
-            if len(windows) < 2 or windows[0] not in grp or windows[-1] not in grp:
-                continue
-            small, large = grp[windows[0]], grp[windows[-1]]
-            tag = "RoPE" if rope else "NoPE"
-            a, b = f"window {large['window']}", f"window {small['window']}"
-            if small["heads"] and large["heads"]:
-                lines.append(
-                    f"seed {seed}, {tag} full attention: {_relation(large, small, 'heads', a, b)}"
-                    " (large-window laziness predicts later)."
-                )
-            for t in tasks:
-                lines.append(
-                    f"seed {seed}, {tag} full attention: {_relation(large, small, t, a, b)}."
-                )
-        for w in windows:
-            pair = {r["full_rope"]: r for r in swa if r["window"] == w}
-            if True in pair and False in pair:
-                nope, rope_run = pair[False], pair[True]
-                for t in tasks:
-                    fn, fr = nope["final_scores"].get(t), rope_run["final_scores"].get(t)
-                    rel = _relation(nope, rope_run, t, "NoPE", "RoPE")
+        for context, a, b, a_label, b_label, whats in _pairs(rs, tasks):
+            for what in whats:
+                rel = _relation(a, b, what, a_label, b_label)
+                if a_label == "NoPE":
+                    fa, fb = a["final_scores"].get(what), b["final_scores"].get(what)
                     lines.append(
-                        f"seed {seed}, window {w}: {rel} on the full-attention layers; final "
-                        f"scores {_num(fn)} (NoPE) vs {_num(fr)} (RoPE) (the paper reports NoPE "
+                        f"seed {seed}, {context}: {rel} on the full-attention layers; final "
+                        f"scores {_num(fa)} (NoPE) vs {_num(fb)} (RoPE) (the paper reports NoPE "
                         "helps at small windows)."
                     )
+                else:
+                    laziness = " (large-window laziness predicts later)" if what == "heads" else ""
+                    lines.append(f"seed {seed}, {context}: {rel}{laziness}.")
     if len(data["seeds"]) < 2:
         lines.append(
             "One seed only: a difference of one checkpoint interval, or a few points of score, "
@@ -234,6 +250,62 @@ def findings(data: dict[str, Any]) -> list[str]:
             "trend into it."
         )
     return lines
+
+
+def agreement(data: dict[str, Any]) -> list[str]:
+    """For each paired comparison made in more than one seed: its direction in every seed and
+    whether the seeds agree (a direction seen in one seed only is not a finding)."""
+    tasks = sorted({t for r in data["runs"] for t in r["scores"]})
+    seen: dict[tuple[str, str, str, str], dict[int, str]] = {}
+    for seed, rs in _by_seed(data["runs"]).items():
+        for context, a, b, a_label, b_label, whats in _pairs(rs, tasks):
+            for what in whats:
+                seen.setdefault((context, a_label, b_label, what), {})[seed] = _order(a, b, what)
+    lines = []
+    for (context, a_label, b_label, what), orders in seen.items():
+        if len(orders) < 2:
+            continue
+        label = "retrieval heads" if what == "heads" else what
+        each = ", ".join(f"{o} (seed {s})" for s, o in orders.items())
+        verdict = "the same in every seed" if len(set(orders.values())) == 1 else "seeds disagree"
+        lines.append(f"{context}, {label} with {a_label} vs {b_label}: {each}; {verdict}.")
+    return lines
+
+
+def _emerges(what: str) -> str:
+    return "retrieval heads emerge" if what == "heads" else f"{what} emerges"
+
+
+def seed_table(data: dict[str, Any], heads: bool) -> list[str]:
+    """Markdown rows: per variant, each task's (and the heads') emergence step and final
+    score in every seed, side by side."""
+    runs, seeds = data["runs"], data["seeds"]
+    tasks = sorted({t for r in runs for t in r["scores"]})
+    whats = tasks + (["heads"] if heads and any(r["heads"] for r in runs) else [])
+    seed_label = " / ".join(f"s{s}" for s in seeds)
+    head = (
+        ["variant"]
+        + [f"{_emerges(w)} at ({seed_label})" for w in whats]
+        + [f"{t} final ({seed_label})" for t in tasks]
+    )
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
+    variants: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        variants.setdefault(r["variant"], {})[r["seed"]] = r
+    for variant, per_seed in variants.items():
+        cells = [variant]
+        for w in whats:
+            cells.append(" / ".join(
+                "-" if (r := per_seed.get(s)) is None or (w == "heads" and not r["heads"])
+                else _step(_emerge(r, w), r["steps"]).replace(" (not reached)", "")
+                for s in seeds
+            ))  # fmt: skip
+        for t in tasks:
+            cells.append(" / ".join(
+                _num(per_seed[s]["final_scores"].get(t)) if s in per_seed else "-" for s in seeds
+            ))  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def _num(v: float | None) -> str:
@@ -252,19 +324,32 @@ def _plt():
     return plt
 
 
+_SEED_LINES = ("-", "--", ":", "-.")
+
+
+def _style(data: dict[str, Any], run: dict) -> dict[str, Any]:
+    """One colour per variant, one line style per seed, so seeds of a variant pair up."""
+    variants = list(dict.fromkeys(r["variant"] for r in data["runs"]))
+    seed_index = data["seeds"].index(run["seed"]) if run["seed"] in data["seeds"] else 0
+    return {
+        "marker": "o",
+        "markersize": 3,
+        "color": f"C{variants.index(run['variant']) % 10}",
+        "ls": _SEED_LINES[seed_index % len(_SEED_LINES)],
+        "label": run["name"],
+    }
+
+
 def plot_scores(data: dict[str, Any], task: str, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(data["runs"]):
+    for r in data["runs"]:
         curve = r["scores"].get(task) or []
         if curve:
             ax.plot(
                 [s for s, _ in curve],
                 [v if v is not None else float("nan") for _, v in curve],
-                marker="o",
-                color=f"C{i % 10}",
-                ls="-" if r["seed"] == data["seeds"][0] else "--",
-                label=r["name"],
+                **_style(data, r),
             )
     ax.axhline(data["emergence_score"], color="grey", lw=0.8, ls=":")
     ax.set_xlabel("training step")
@@ -282,17 +367,12 @@ def plot_scores(data: dict[str, Any], task: str, path: Path) -> Path:
 def plot_heads(data: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, r in enumerate(data["runs"]):
+    for r in data["runs"]:
         if not r["heads"]:
             continue
         rows = r["heads"]["by_step"]
         steps = [x["step"] for x in rows]
-        style = dict(
-            marker="o",
-            color=f"C{i % 10}",
-            label=r["name"],
-            ls="-" if r["seed"] == data["seeds"][0] else "--",
-        )
+        style = _style(data, r)
         axes[0].plot(steps, [x["max_copy_paste"] for x in rows], **style)
         axes[1].plot(steps, [x["max_attention_mass"] or 0.0 for x in rows], **style)
     axes[0].axhline(data["head_threshold"], color="grey", lw=0.8, ls=":")
@@ -359,6 +439,9 @@ def markdown(data: dict[str, Any], plots: list[Path], heads: bool) -> str:
                 )
                 cells += [_step(h["heads_emerge_step"], r["steps"]), fr]
         lines.append("| " + " | ".join(cells) + " |")
+    if len(data["seeds"]) > 1:
+        lines += ["", "## Across seeds", "", *seed_table(data, heads), ""]
+        lines += [f"- {x}" for x in agreement(data)] or ["- (no paired variants to compare)"]
     lines += ["", "## What it shows", ""]
     lines += [f"- {x}" for x in findings(data)] or ["- (no paired variants to compare)"]
     lines += ["", "Claims under test:", ""] + [f"- {c}" for c in CLAIMS.values()]
