@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from hybrid_megatron.commands.analyze_mechanism import (
-    _length,
-    _positive,
+from hybrid_megatron.commands.analyze_options import (
     add_model_options,
+    int_list_arg,
+    length_arg,
     model_settings,
+    positive_arg,
     report,
+    settings_from,
 )
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': give positive integers, e.g. 64,256")
-    return values
 
 
 def _tasks(text: str) -> list[str]:
@@ -37,18 +29,8 @@ def cmd_cap(args: argparse.Namespace) -> int:
 
     from hybrid_megatron.analysis.receptive_field import CapSettings, run_cap
 
-    settings = CapSettings(
-        targets=args.target or ["full", "efficient"],
-        ks=sorted(set(args.k)),
-        sinks=args.sinks,
-        length=args.length,
-        num_sequences=args.num_sequences,
-        ppl_data=args.ppl_data,
-        bin_width=args.bin_width,
-        tasks=args.tasks,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+    settings = settings_from(
+        CapSettings, args, targets=args.target or ["full", "efficient"], ks=sorted(set(args.k))
     )
     out = run_cap(args.model, Path(args.out), settings, **model_settings(args))
     report(f"wrote {out / 'cap.json'}, {out / 'cap.md'} and plots in {out}")
@@ -61,14 +43,7 @@ def cmd_grad_distance(args: argparse.Namespace) -> int:
 
     from hybrid_megatron.analysis.grad_distance import GradSettings, run_grad_distance
 
-    settings = GradSettings(
-        length=args.length,
-        num_sequences=args.num_sequences,
-        last_n=args.last_n,
-        target=args.target,
-        data=args.data,
-        seed=args.seed,
-    )
+    settings = settings_from(GradSettings, args)
     out = run_grad_distance(args.model, Path(args.out), settings, **model_settings(args))
     report(f"wrote {out / 'grad_distance.json'} and {out / 'grad_distance.png'}")
     return 0
@@ -80,15 +55,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from hybrid_megatron.analysis.probe import ProbeSettings, run_probe
 
-    settings = ProbeSettings(
-        task=args.task,
-        length=args.length,
-        num_samples=args.num_samples,
-        num_classes=args.num_classes,
-        test_fraction=args.test_fraction,
-        l2=args.l2,
-        seed=args.seed,
-    )
+    settings = settings_from(ProbeSettings, args)
     out = run_probe(args.model, Path(args.out), settings, **model_settings(args))
     report(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
     return 0
@@ -109,11 +76,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         help="layers to cap: full, efficient (SWA + Mamba) or layer indices like 3,7; "
         "repeatable (default: full and efficient)",
     )
-    cap.add_argument("--k", type=_ints, default=[64, 256, 1024], help="caps, e.g. 64,256,1024")
+    cap.add_argument(
+        "--k", type=int_list_arg(minimum=1), default=[64, 256, 1024], help="caps, e.g. 64,256,1024"
+    )
     cap.add_argument(
         "--sinks", type=int, default=0, help="first tokens full-attention layers keep seeing"
     )
-    cap.add_argument("--length", type=_length, default=4096, help="sequence / task length")
+    cap.add_argument("--length", type=length_arg, default=4096, help="sequence / task length")
     cap.add_argument(
         "--num-sequences", type=int, default=4, help="loss-by-position sequences (0: none)"
     )
@@ -122,9 +91,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     cap.add_argument(
         "--tasks", type=_tasks, default=["niah_single_1"], help="comma list of tasks, or none"
     )
-    cap.add_argument("--num-samples", type=_positive, default=10, help="samples per task")
+    cap.add_argument("--num-samples", type=positive_arg, default=10, help="samples per task")
     cap.add_argument(
-        "--max-new-tokens", type=_positive, default=32, help="generation budget per sample"
+        "--max-new-tokens", type=positive_arg, default=32, help="generation budget per sample"
     )
     cap.add_argument("--out", required=True, help="output directory")
     add_model_options(cap)
@@ -136,9 +105,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "respect to the input embeddings, by distance to the last token",
     )
     grad.add_argument("model", metavar="MODEL", help="HF dir, run dir or Megatron checkpoint")
-    grad.add_argument("--length", type=_length, default=4096, help="sequence length")
-    grad.add_argument("--num-sequences", type=_positive, default=8, help="sequences averaged")
-    grad.add_argument("--last-n", type=_positive, default=20, help="target positions (20)")
+    grad.add_argument("--length", type=length_arg, default=4096, help="sequence length")
+    grad.add_argument("--num-sequences", type=positive_arg, default=8, help="sequences averaged")
+    grad.add_argument("--last-n", type=positive_arg, default=20, help="target positions (20)")
     grad.add_argument(
         "--target",
         choices=["logit_sum", "argmax_logit"],
@@ -157,9 +126,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     )
     probe.add_argument("model", metavar="MODEL", help="HF dir, run dir or Megatron checkpoint")
     probe.add_argument("--task", default="niah_single_1", help="niah_single_* prompt generator")
-    probe.add_argument("--length", type=_length, default=4096, help="prompt length")
-    probe.add_argument("--num-samples", type=_positive, default=200, help="prompts")
-    probe.add_argument("--num-classes", type=_positive, default=4, help="needle values")
+    probe.add_argument("--length", type=length_arg, default=4096, help="prompt length")
+    probe.add_argument("--num-samples", type=positive_arg, default=200, help="prompts")
+    probe.add_argument("--num-classes", type=positive_arg, default=4, help="needle values")
     probe.add_argument(
         "--test-fraction", type=float, default=0.3, help="held-out share of the prompts"
     )

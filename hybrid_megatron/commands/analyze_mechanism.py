@@ -13,33 +13,15 @@ from __future__ import annotations
 
 import argparse
 
+from hybrid_megatron.commands.analyze_options import (
+    add_model_options,
+    length_arg,
+    model_settings,
+    positive_arg,
+    report,
+    settings_from,
+)
 from hybrid_megatron.errors import ConfigError
-from hybrid_megatron.procenv import is_rank0
-
-
-def report(message: str) -> None:
-    """Print once per job (rank 0)."""
-    if is_rank0():
-        print(message)
-
-
-def _length(text: str) -> int:
-    from hybrid_megatron.eval.plan import parse_length
-
-    try:
-        return parse_length(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _reference(text: str) -> str | int:
@@ -53,44 +35,13 @@ def _reference(text: str) -> str | int:
         ) from None
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every analysis that loads a model."""
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
-    p.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32")
-    p.add_argument("--tokenizer", help="tokenizer override: 'byte' or a local HF tokenizer dir")
-    p.add_argument("--seed", type=int, default=42, help="seed of the generated prompts")
-    p.add_argument(
-        "--no-verify-conversion",
-        action="store_true",
-        help="skip the logit check when converting Megatron checkpoints",
-    )
-
-
-def model_settings(args: argparse.Namespace) -> dict:
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        verify_conversion=not args.no_verify_conversion,
-    )
-
-
 def cmd_retrieval_heads(args: argparse.Namespace) -> int:
     """Handler of `analyze retrieval-heads`."""
     from pathlib import Path
 
     from hybrid_megatron.analysis.retrieval_heads import RetrievalSettings, run_retrieval_heads
 
-    settings = RetrievalSettings(
-        task=args.task,
-        length=args.length,
-        num_samples=args.num_samples,
-        top_k=args.top_k,
-        seed=args.seed,
-        query_offset=args.query_offset,
-        threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens,
-    )
+    settings = settings_from(RetrievalSettings, args)
     out = run_retrieval_heads(args.model, Path(args.out), settings, **model_settings(args))
     report(f"wrote {out / 'retrieval_heads.json'} and {out / 'retrieval_heads.png'}")
     return 0
@@ -104,17 +55,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     if args.last_queries < 1:
         raise ConfigError("--last-queries must be >= 1")
-    settings = TraceSettings(
-        task=args.task,
-        length=args.length,
-        num_samples=args.num_samples,
-        top_k=args.top_k,
-        seed=args.seed,
-        reference=args.reference,
-        last_queries=args.last_queries,
-        threshold=args.threshold,
-        max_new_tokens=args.max_new_tokens,
-    )
+    settings = settings_from(TraceSettings, args)
     out = run_trace(Path(args.run_dir), Path(args.out), settings, **model_settings(args))
     report(f"wrote {out / 'trace.json'} and plots in {out}")
     return 0
@@ -122,9 +63,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def _add_retrieval_options(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--task", default="niah_single_1", help="needle task (niah_*, passkey)")
-    p.add_argument("--length", type=_length, default=4096, help="prompt + decoding tokens, e.g. 4k")
-    p.add_argument("--num-samples", type=_positive, default=samples, help="prompts")
-    p.add_argument("--top-k", type=_positive, default=20, help="heads reported as the top")
+    p.add_argument(
+        "--length", type=length_arg, default=4096, help="prompt + decoding tokens, e.g. 4k"
+    )
+    p.add_argument("--num-samples", type=positive_arg, default=samples, help="prompts")
+    p.add_argument("--top-k", type=positive_arg, default=20, help="heads reported as the top")
     p.add_argument(
         "--threshold",
         type=float,
@@ -133,7 +76,7 @@ def _add_retrieval_options(p: argparse.ArgumentParser, samples: int) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_positive,
+        type=positive_arg,
         default=32,
         help="greedy decoding budget of the copy-paste score; part of --length, as in RULER "
         "(default 32)",
@@ -151,7 +94,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _add_retrieval_options(rh, samples=20)
     rh.add_argument(
         "--query-offset",
-        type=_positive,
+        type=positive_arg,
         default=2,
         help="attention-mass score: the query is the N-th last prompt token (default 2)",
     )

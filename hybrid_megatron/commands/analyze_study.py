@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from hybrid_megatron.commands.analyze_mechanism import add_model_options
+from hybrid_megatron.commands.analyze_options import (
+    add_model_options,
+    int_list_arg,
+    length_arg,
+    settings_from,
+)
 
 
 def _bounds(text: str) -> tuple[float | None, float | None]:
@@ -101,17 +106,7 @@ def cmd_longppl(args: argparse.Namespace) -> int:
     from hybrid_megatron.analysis.longppl import LongPPLSettings
     from hybrid_megatron.analysis.longppl_report import check_settings, run_longppl
 
-    settings = LongPPLSettings(
-        length=args.length,
-        num_samples=args.num_samples,
-        short_context=args.short_context,
-        block=args.block,
-        gain_threshold=args.gain_threshold,
-        loss_threshold=args.loss_threshold,
-        bin_width=args.bin_width,
-        pack=args.pack,
-        seed=args.seed,
-    )
+    settings = settings_from(LongPPLSettings, args)
     check_settings(settings)
     run_longppl(
         args.models, args.evaluator, Path(args.out), settings, data=args.data,
@@ -121,15 +116,6 @@ def cmd_longppl(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"wrote {args.out}/longppl.json, longppl.md and longppl.png")
     return 0
-
-
-def _int_length(text: str) -> int:
-    from hybrid_megatron.eval.plan import parse_length
-
-    try:
-        return parse_length(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_longppl(sub: argparse._SubParsersAction) -> None:
@@ -150,23 +136,16 @@ def _add_longppl(sub: argparse._SubParsersAction) -> None:
         help="documents: .jsonl ('text'), .txt or a dir (default: the generated corpus, held out)",
     )
     p.add_argument("--pack", action="store_true", help="join documents into sequences")
-    p.add_argument("--length", type=_int_length, default=8192, help="tokens per sequence")
+    p.add_argument("--length", type=length_arg, default=8192, help="tokens per sequence")
     p.add_argument("--num-samples", type=int, default=4, help="sequences")
-    p.add_argument("--short-context", type=_int_length, default=4096, help="(default 4096)")
-    p.add_argument("--block", type=_int_length, default=1024, help="(default 1024)")
+    p.add_argument("--short-context", type=length_arg, default=4096, help="(default 4096)")
+    p.add_argument("--block", type=length_arg, default=1024, help="(default 1024)")
     p.add_argument("--gain-threshold", type=float, default=2.0, help="(default 2)")
     p.add_argument("--loss-threshold", type=float, default=2.0, help="(default 2)")
     p.add_argument("--bin-width", type=int, help="fixed position-bin width (default powers of 2)")
     add_model_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_longppl)
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers") from None
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -200,7 +179,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("study", metavar="STUDY.yaml", help="study file (configs/experiments/)")
     p.add_argument("--out", help="output directory (default runs/NAME)")
-    p.add_argument("--seeds", type=_seeds, help="comma list overriding the file's seeds")
+    p.add_argument("--seeds", type=int_list_arg(), help="comma list overriding the file's seeds")
     p.add_argument(
         "--only", type=lambda t: [x for x in t.split(",") if x], help="comma list of variants"
     )
