@@ -85,8 +85,8 @@ def synthetic_prefix(cfg: RunConfig, run_dir: Path) -> str:
             data_dir / "synthetic_recall.jsonl",
             s.num_docs,
             s.seed,
-            s.min_distance,
-            s.max_distance,
+            min_distance=s.min_distance,
+            max_distance=s.max_distance,
             max_facts=s.max_facts,
             **synthetic_mix(cfg),
         )

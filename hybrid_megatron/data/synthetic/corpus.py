@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from hybrid_megatron.data.synthetic.formats import (
     _NOISE_LINE,
@@ -106,11 +107,29 @@ def iter_documents(
     doc_length: int | None = None,
     max_haystack: int | None = None,
 ) -> Iterator[SyntheticDocument]:
-    """Documents 0..num_docs-1; document i depends only on (seed, i) and the options."""
+    """Documents 0..num_docs-1; document i depends only on (seed, i) and the options.
+
+    The options are checked here (ConfigError), before the first document is made.
+    """
     _check_args(min_distance, max_distance, max_facts)
     fractions = (niah_fraction, passkey_fraction, copy_fraction, repeat_fraction)
     check_mix(fractions, doc_length)
     haystack = check_haystack(max_haystack, min_distance, max_distance)
+    return _documents(
+        num_docs, seed, min_distance, max_distance, max_facts, fractions, doc_length, haystack
+    )
+
+
+def _documents(
+    num_docs: int,
+    seed: int,
+    min_distance: int,
+    max_distance: int,
+    max_facts: int,
+    fractions: tuple[float, ...],
+    doc_length: int | None,
+    haystack: int,
+) -> Iterator[SyntheticDocument]:
     for i in range(num_docs):
         rng = random.Random(f"hybrid-megatron-synthetic:{seed}:{i}")
         kind = document_kind(seed, i, fractions)
@@ -128,46 +147,20 @@ def iter_documents(
 
 
 def generate_corpus(
-    path: str | Path,
-    num_docs: int,
-    seed: int = 0,
-    min_distance: int = 16,
-    max_distance: int = 256,
-    *,
-    max_facts: int = 3,
-    niah_fraction: float = 0.0,
-    passkey_fraction: float = 0.0,
-    copy_fraction: float = 0.0,
-    repeat_fraction: float = 0.0,
-    doc_length: int | None = None,
-    max_haystack: int | None = None,
-    include_facts: bool = False,
+    path: str | Path, num_docs: int, seed: int = 0, *, include_facts: bool = False, **options: Any
 ) -> Path:
     """Write `num_docs` documents as JSONL lines ``{"text": ...}`` to `path` and return it.
 
-    With `include_facts`, each line also carries ``"facts"`` (a list of `Fact` dicts) for
-    retrieval evaluation; preprocessing reads only the text key.
+    `options` are `iter_documents`' (min_distance, max_distance, max_facts and the document
+    mix), checked before the file is created. With `include_facts`, each line also carries
+    ``"facts"`` (a list of `Fact` dicts) for retrieval evaluation; preprocessing reads only
+    the text key.
     """
-    _check_args(min_distance, max_distance, max_facts)
-    check_mix((niah_fraction, passkey_fraction, copy_fraction, repeat_fraction), doc_length)
-    check_haystack(max_haystack, min_distance, max_distance)
     if num_docs < 1:
         raise ConfigError(f"num_docs={num_docs}; use num_docs >= 1.")
+    docs = iter_documents(num_docs, seed, **options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    docs = iter_documents(
-        num_docs,
-        seed,
-        min_distance,
-        max_distance,
-        max_facts,
-        niah_fraction=niah_fraction,
-        passkey_fraction=passkey_fraction,
-        copy_fraction=copy_fraction,
-        repeat_fraction=repeat_fraction,
-        doc_length=doc_length,
-        max_haystack=max_haystack,
-    )
     with path.open("w", encoding="utf-8") as f:
         for doc in docs:
             record: dict = {"text": doc.text}
