@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from hybrid_megatron.errors import ConfigError
 from hybrid_megatron.eval.sharding import Shard
+from hybrid_megatron.jsonl import read_records
 
 SAMPLES_DIR = "samples"
 CONFIG_FILE = "eval_config.json"
@@ -69,21 +70,7 @@ class RowWriter:
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], int]:
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict) and "key" in row:
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
+    return read_records(path, "key")
 
 
 def sample_files(out_dir: Path) -> list[Path]:

@@ -24,6 +24,8 @@ from typing import IO, Any
 
 import torch
 
+from hybrid_megatron.jsonl import read_records
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 TRAIN_KEYS = (
@@ -58,20 +60,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-            else:
-                bad += 1
+    rows, bad = read_records(path, "step")
     if bad:
         warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
     return rows
