@@ -144,8 +144,9 @@ def test_report_with_two_seeds_pairs_them_and_says_whether_they_agree(tmp_path):
     assert "| variant | passkey emerges at (s0 / s1) | retrieval heads emerge at (s0 / s1) |" in (
         across
     )
-    assert "| small | > 300 / 100 | 100 / 200 | 10.0 / 90.0 |" in across  # 300: the run's steps
-    assert "| large | 100 / > 300 | 200 / > 300 | 70.0 / 0.0 |" in across
+    # 300: the runs' steps; no metrics.jsonl here, so no final loss
+    assert "| small | > 300 / 100 | 100 / 200 | 10.0 / 90.0 | - / - |" in across
+    assert "| large | 100 / > 300 | 200 / > 300 | 70.0 / 0.0 | - / - |" in across
     assert (
         "NoPE full attention, retrieval heads with window 64 vs window 8: later (seed 0), "
         "later (seed 1); the same in every seed." in across

@@ -277,8 +277,8 @@ def _emerges(what: str) -> str:
 
 
 def seed_table(data: dict[str, Any], heads: bool) -> list[str]:
-    """Markdown rows: per variant, each task's (and the heads') emergence step and final
-    score in every seed, side by side."""
+    """Markdown rows: per variant, each task's (and the heads') emergence step, final scores
+    and final validation loss in every seed, side by side."""
     runs, seeds = data["runs"], data["seeds"]
     tasks = sorted({t for r in runs for t in r["scores"]})
     whats = tasks + (["heads"] if heads and any(r["heads"] for r in runs) else [])
@@ -287,6 +287,7 @@ def seed_table(data: dict[str, Any], heads: bool) -> list[str]:
         ["variant"]
         + [f"{_emerges(w)} at ({seed_label})" for w in whats]
         + [f"{t} final ({seed_label})" for t in tasks]
+        + [f"final valid loss ({seed_label})"]
     )
     rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
     variants: dict[str, dict[int, dict]] = {}
@@ -304,6 +305,9 @@ def seed_table(data: dict[str, Any], heads: bool) -> list[str]:
             cells.append(" / ".join(
                 _num(per_seed[s]["final_scores"].get(t)) if s in per_seed else "-" for s in seeds
             ))  # fmt: skip
+        cells.append(" / ".join(
+            _num3(per_seed[s]["final_valid_loss"]) if s in per_seed else "-" for s in seeds
+        ))  # fmt: skip
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
