@@ -90,14 +90,20 @@ def _fake_stage_outputs(out: Path, name: str, scores: dict, copies: dict) -> Non
     )
 
 
-def test_report_states_emergence_and_compares_windows(tmp_path):
+def _window_study(tmp_path: Path, seeds: list[int]):
+    """Two SWA variants, windows 8 ('small') and 64 ('large'), emergence at score 50."""
     body = (
+        f"seeds: {seeds}\n"
         "variants:\n"
         "  small: {set: [model.pattern=S-*-, model.swa.window=8]}\n"
         "  large: {set: [model.pattern=S-*-, model.swa.window=64]}\n"
         "eval: {emergence_score: 50}\n"
     )
-    study = load_study(_study_file(tmp_path, body))
+    return load_study(_study_file(tmp_path, body))
+
+
+def test_report_states_emergence_and_compares_windows(tmp_path):
+    study = _window_study(tmp_path, seeds=[0])
     out = tmp_path / "out"
     # small: passkey 60 at step 200 (then dips), heads at 200; large: passkey and heads at 400
     _fake_stage_outputs(
@@ -123,14 +129,7 @@ def test_report_states_emergence_and_compares_windows(tmp_path):
 
 
 def test_report_with_two_seeds_pairs_them_and_says_whether_they_agree(tmp_path):
-    body = (
-        "seeds: [0, 1]\n"
-        "variants:\n"
-        "  small: {set: [model.pattern=S-*-, model.swa.window=8]}\n"
-        "  large: {set: [model.pattern=S-*-, model.swa.window=64]}\n"
-        "eval: {emergence_score: 50}\n"
-    )
-    study = load_study(_study_file(tmp_path, body))
+    study = _window_study(tmp_path, seeds=[0, 1])
     out = tmp_path / "out"
     # heads: later with the large window in both seeds; passkey: earlier with the large
     # window in seed 0, later in seed 1
